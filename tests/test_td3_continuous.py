@@ -1,0 +1,351 @@
+"""Tests of td3_continuous.py: mechanisms against hand-computed numbers, then short real runs."""
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import td3_continuous as td3
+import tiny_envs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "td3_continuous.py")
+
+
+def small_args(tmp_path, **overrides) -> td3.Args:
+    base = dict(env_id="Pendulum-v1", total_timesteps=1200, learning_starts=400, eval_frequency=600,
+                eval_episodes=2, runs_dir=str(tmp_path), cuda=False)
+    base.update(overrides)
+    return td3.Args(**base)
+
+
+def run_script(*argv, **kwargs):
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")}
+    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, env=env,
+                          timeout=600, **kwargs)
+
+
+# --- mechanisms, by hand ------------------------------------------------------------------------
+def test_td3_target_clipped_double_q_with_smoothing_by_hand():
+    next_obs = torch.tensor([[1.0], [2.0]])
+    actor_target = lambda o: 0.5 * o  # pi'(s') = [0.5, 1.0]
+    qf_target = lambda o, a: torch.stack([(o + a).squeeze(-1), (2 * o - a).squeeze(-1)])
+    noise = torch.tensor([[0.3], [0.2]])
+    # next actions: clamp([0.8, 1.2], -1, 1) = [0.8, 1.0]
+    # Q1' = [1.8, 3.0], Q2' = [1.2, 3.0], min = [1.2, 3.0]
+    # y = [1 + 0.9 * 1.2, -1 + 0.9 * 0 * 3.0] (second transition terminated)
+    y = td3.td3_target(actor_target, qf_target, next_obs, torch.tensor([1.0, -1.0]), torch.tensor([0.0, 1.0]),
+                       noise, 0.9, torch.tensor([-1.0]), torch.tensor([1.0]))
+    assert torch.allclose(y, torch.tensor([2.08, -1.0]))
+
+
+def test_smoothing_noise_is_clipped_per_dimension():
+    torch.manual_seed(0)
+    scale = torch.tensor([1.5, 0.25])  # bounds [-2, 1] and [0, 0.5]: different half-ranges
+    noise = td3.smoothing_noise(torch.zeros(200_000, 2), 0.2, 0.5, scale)
+    limit = 0.5 * scale
+    assert torch.all(noise.abs() <= limit)
+    # the clip sits at 2.5 standard deviations: P(|z| > 2.5) = 0.01242 of samples land on it
+    at_limit = (noise.abs() == limit).float().mean(0)
+    assert torch.allclose(at_limit, torch.tensor([0.01242, 0.01242]), atol=0.0015)
+    # inside the clip the std is scaled per dimension: ratio of the two dims = 1.5 / 0.25
+    ratio = noise[:, 0].std() / noise[:, 1].std()
+    assert abs(ratio.item() - 6.0) < 0.05
+
+
+def test_polyak_step_by_hand():
+    targets = [torch.tensor([0.0, 1.0]), torch.tensor([[4.0]])]
+    sources = [torch.tensor([10.0, 3.0]), torch.tensor([[0.0]])]
+    td3.soft_update_(targets, sources, 0.25)
+    assert torch.allclose(targets[0], torch.tensor([2.5, 1.5]))  # 0.75*0 + 0.25*10, 0.75*1 + 0.25*3
+    assert torch.allclose(targets[1], torch.tensor([[3.0]]))
+
+
+def make_agent(**overrides):
+    args = td3.Args(cuda=False, **overrides)
+    torch.manual_seed(0)
+    return td3.TD3(3, np.array([-2.0], np.float32), np.array([1.0], np.float32), args, torch.device("cpu"))
+
+
+def random_batch(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, generator=g), torch.rand(n, 1, generator=g) * 3 - 2, torch.randn(n, generator=g),
+            (torch.rand(n, generator=g) < 0.2).float(), torch.randn(n, 3, generator=g))
+
+
+def flat(module):
+    return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+
+def test_delayed_actor_and_target_updates_count_and_polyak():
+    agent = make_agent(policy_frequency=2, tau=0.1)
+    actor0, actor_target0, qf_target0 = flat(agent.actor), flat(agent.actor_target), flat(agent.qf_target)
+    agent.update(random_batch(seed=1))  # update 1: critic only
+    assert torch.equal(flat(agent.actor), actor0)
+    assert torch.equal(flat(agent.actor_target), actor_target0)
+    assert torch.equal(flat(agent.qf_target), qf_target0)
+    assert not torch.equal(flat(agent.qf), flat(agent.qf_target))  # the critic did move
+    metrics = agent.update(random_batch(seed=2))  # update 2: critic, actor, then targets
+    assert "actor_loss" in metrics
+    assert not torch.equal(flat(agent.actor), actor0)
+    # one Polyak step of tau = 0.1 from the initial targets toward the current networks
+    assert torch.allclose(flat(agent.actor_target), 0.9 * actor_target0 + 0.1 * flat(agent.actor), atol=1e-7)
+    assert torch.allclose(flat(agent.qf_target), 0.9 * qf_target0 + 0.1 * flat(agent.qf), atol=1e-7)
+    for seed in range(3, 8):  # 7 updates in all: actor steps at 2, 4, 6
+        agent.update(random_batch(seed=seed))
+    assert agent.n_updates == 7
+    assert agent.q_optimizer.state[next(agent.qf.parameters())]["step"].item() == 7
+    assert agent.actor_optimizer.state[next(agent.actor.parameters())]["step"].item() == 3
+
+
+def test_twin_q_q1_matches_first_critic_and_critics_differ():
+    qf = td3.TwinQ(3, 2)
+    obs, act = torch.randn(5, 3), torch.randn(5, 2)
+    q = qf(obs, act)
+    assert q.shape == (2, 5)
+    assert torch.allclose(qf.q1(obs, act), q[0], atol=1e-6)
+    assert not torch.allclose(q[0], q[1])
+    # the stacked layer is an ordinary MLP: recompute critic 2 with plain matmuls
+    x = torch.cat([obs, act], -1)
+    w, b = qf.weights, qf.biases
+    h = torch.relu(x @ w[0][1].T + b[0][1])
+    h = torch.relu(h @ w[1][1].T + b[1][1])
+    assert torch.allclose((h @ w[2][1].T + b[2][1]).squeeze(-1), q[1], atol=1e-5)
+
+
+def test_actor_respects_asymmetric_bounds():
+    actor = td3.Actor(2, tiny_envs.ACTION_LOW, tiny_envs.ACTION_HIGH)
+    with torch.no_grad():
+        actor.fc_mu.bias.fill_(100.0)  # drive tanh to +1
+        hi = actor(torch.zeros(1, 2))[0]
+        actor.fc_mu.bias.fill_(-100.0)
+        lo = actor(torch.zeros(1, 2))[0]
+    assert torch.allclose(hi, torch.tensor([1.0, 3.0]))
+    assert torch.allclose(lo, torch.tensor([-2.0, 0.5]))
+
+
+def test_replay_buffer_wraps_around():
+    rb = td3.ReplayBuffer(5, 1, 1, torch.device("cpu"))
+    rb.add(*[np.arange(3.0).reshape(-1, 1)] * 3, np.arange(3.0), np.zeros(3))
+    rb.add(*[np.arange(3.0, 7.0).reshape(-1, 1)] * 3, np.arange(3.0, 7.0), np.ones(4))
+    # rows 3, 4 then wrap to 0, 1: the two oldest (0, 1) are overwritten by 5, 6
+    assert rb.obs.flatten().tolist() == [5.0, 6.0, 2.0, 3.0, 4.0]
+    assert rb.terminations.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
+    assert (rb.pos, rb.size) == (2, 5)
+    torch.manual_seed(0)
+    sample = rb.sample(1000)
+    assert set(sample[2].tolist()) == {2.0, 3.0, 4.0, 5.0, 6.0}  # rewards of the live rows only
+
+
+def test_running_normalizer_matches_numpy():
+    rng = np.random.default_rng(0)
+    chunks = [rng.normal(loc=[1e6, 1e-2, -5.0], scale=[1e5, 1e-3, 2.0], size=(n, 3)) for n in (1, 7, 64, 3, 500)]
+    rms = td3.RunningMeanStd(3, torch.device("cpu"))
+    for chunk in chunks:
+        rms.update(torch.as_tensor(chunk))
+    data = np.concatenate(chunks)
+    assert rms.count == len(data)
+    np.testing.assert_allclose(rms.mean.numpy(), data.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(rms.var.numpy(), data.var(0), rtol=1e-9)
+    x = np.array([[1e6 + 3e5, 1.3e-2, -5.0], [1e6 + 5e6, 0.0, 100.0]])
+    expected = np.clip((x - data.mean(0)) / np.sqrt(data.var(0) + 1e-8), -10, 10)
+    np.testing.assert_allclose(rms.normalize(torch.as_tensor(x, dtype=torch.float32)).numpy(), expected, rtol=1e-4)
+    assert expected[1, 0] == 10.0 and expected[1, 2] == 10.0  # the clip was exercised
+
+
+# --- episode boundaries (gymnasium 1.x) ---------------------------------------------------------
+def check_counting_transitions(obs, next_obs, rewards, terminations):
+    """Every stored transition stays inside one episode and carries the right flags."""
+    assert len(obs) > 0
+    np.testing.assert_array_equal(next_obs[:, 0], obs[:, 0])  # same episode number
+    np.testing.assert_array_equal(next_obs[:, 1], obs[:, 1] + 1)  # t -> t + 1
+    np.testing.assert_array_equal(rewards, next_obs[:, 1])
+    expected_term = (next_obs[:, 0] % 2 == 0) & (next_obs[:, 1] == 3)
+    np.testing.assert_array_equal(terminations.astype(bool), expected_term)
+    assert expected_term.any()  # both kinds of episode end were seen
+    assert (next_obs[:, 1] == 5).any()  # a truncated final step is stored, flagged not terminal
+
+
+@pytest.mark.parametrize("mode", [gym.vector.AutoresetMode.SAME_STEP, gym.vector.AutoresetMode.NEXT_STEP])
+@pytest.mark.parametrize("num_envs", [1, 3])
+def test_transitions_to_store_never_cross_episodes(mode, num_envs):
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make("tiny_envs:Counting-v0")] * num_envs, autoreset_mode=mode)
+    obs, _ = envs.reset(seed=0)
+    prev_done = np.zeros(num_envs, dtype=bool)
+    stored = {"obs": [], "next_obs": [], "rewards": [], "terminations": []}
+    steps = 40
+    for _ in range(steps):
+        next_obs, rewards, terms, truncs, infos = envs.step(envs.action_space.sample())
+        real_next, keep = td3.transitions_to_store(next_obs, terms, truncs, infos, mode, prev_done)
+        for key, value in (("obs", obs), ("next_obs", real_next), ("rewards", rewards), ("terminations", terms)):
+            stored[key].append(value[keep])
+        prev_done = terms | truncs
+        obs = next_obs
+    stored = {k: np.concatenate(v) for k, v in stored.items()}
+    check_counting_transitions(**stored)
+    # Per env, episodes alternate 3 and 5 steps. SAME_STEP: all 40 env steps are transitions.
+    # NEXT_STEP: each episode end costs one reset step, so a 10-step cycle (3 + R + 5 + R)
+    # holds 8 transitions and 40 steps hold 32.
+    per_env = 40 if mode == gym.vector.AutoresetMode.SAME_STEP else 32
+    assert len(stored["obs"]) == per_env * num_envs
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_main_on_tiny_env_stores_only_real_transitions_and_writes_run_folder(tmp_path):
+    args = small_args(tmp_path, env_id="tiny_envs:Counting-v0", num_envs=2, total_timesteps=600,
+                      learning_starts=200, eval_frequency=300, checkpoint_frequency=600, batch_size=32)
+    summary = td3.main(args)
+    run_dir = summary["run_dir"]
+    assert summary["global_step"] == 600
+    assert summary["updates"] == 400  # one update per env step after learning_starts
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    buf = ckpt["buffer"]
+    assert buf["size"] == 600  # SAME_STEP autoreset: every env step is a real transition
+    check_counting_transitions(buf["obs"].numpy(), buf["next_obs"].numpy(), buf["rewards"].numpy(),
+                               buf["terminations"].numpy())
+    acts = buf["actions"].numpy()
+    assert np.all(acts >= tiny_envs.ACTION_LOW) and np.all(acts <= tiny_envs.ACTION_HIGH)
+    assert np.any(acts[400:] != acts[400:].round())  # exploration actions were stored too
+
+    files = set(os.listdir(run_dir))
+    assert {"summary.json", "evaluations.csv", "state_scale_summary.json", "td3_action_saturation.json"} <= files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert not any(f.endswith(".tmp") for f in files)
+    on_disk = read_json(os.path.join(run_dir, "summary.json"))
+    for key in ("global_step", "eval_return_last", "eval_return_mean_last10", "sps_learning_phase", "wall_time_s"):
+        assert on_disk[key] == summary[key]
+    with open(os.path.join(run_dir, "evaluations.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["global_step"]) for r in rows] == [300, 600]
+    assert on_disk["eval_return_mean_last10"] == pytest.approx(np.mean([float(r["eval_return_mean"]) for r in rows]))
+
+    sat = read_json(os.path.join(run_dir, "td3_action_saturation.json"))
+    agent = sat["agents"]["td3"]
+    assert len(agent["history"]) == 2
+    for key in ("near_bound_ratio", "actor_collapse_detected", "kappa_mean", "kappa_p10"):
+        assert key in agent["summary"]
+    scale = read_json(os.path.join(run_dir, "state_scale_summary.json"))
+    assert scale["mode"] == "none" and scale["feature_names"] == ["obs_0", "obs_1"]
+    pre = scale["pre_stats"]["per_dim"]
+    assert pre[1]["min"] == 0.0 and pre[1]["max"] == 4.0  # t of stored (source) states: 0..4
+    assert scale["p99_abs_spread"]["pre"] == pytest.approx(pre[0]["p99_abs"] / pre[1]["p99_abs"])
+
+
+def test_learned_q_matches_1_over_1_minus_gamma_when_only_truncated(tmp_path):
+    gamma = 0.8  # true value 1 / (1 - 0.8) = 5 in every state
+    args = small_args(tmp_path, env_id="tiny_envs:ConstantReward-v0", gamma=gamma, total_timesteps=3000,
+                      learning_starts=500, eval_frequency=3000, eval_episodes=1, save_model=True, tau=0.05)
+    summary = td3.main(args)
+    state = torch.load(os.path.join(summary["run_dir"], "model.pt"), weights_only=False)
+    agent = make_agent_for(state, 1, np.array([-2.0]), np.array([1.0]))
+    obs = torch.arange(50, dtype=torch.float32).reshape(-1, 1) / 50.0
+    with torch.no_grad():
+        q = agent.qf(obs, agent.actor(obs))
+    # Treating the time limit as terminal would give ~1 at t = 49 and ~4.6 on average.
+    assert q.mean().item() == pytest.approx(5.0, abs=0.25)
+    assert q[:, -5:].mean().item() == pytest.approx(5.0, abs=0.3)
+    # and the eval overestimation check sees the same: Q minus the collected discounted return
+    assert abs(summary["value_bias_last"]) < 0.3
+
+
+def make_agent_for(state, obs_dim, low, high):
+    args = td3.Args(**state["args"])
+    agent = td3.TD3(obs_dim, low.astype(np.float32), high.astype(np.float32), args, torch.device("cpu"))
+    agent.load_state_dict(state["agent"])
+    return agent
+
+
+# --- user errors --------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, words", [
+    (["--env-id", "NoSuchEnv-v0"], "NoSuchEnv"),
+    (["--env-id", "CartPole-v1"], "Discrete"),
+    (["--env-id", "nosuchmodule:Foo-v0"], "nosuchmodule"),
+    (["--gamma", "1.5"], "--gamma"),
+    (["--total-timesteps", "abc"], "--total-timesteps"),
+    (["--resume", "/nonexistent/checkpoint.pt"], "does not exist"),
+    (["--eval-only"], "--checkpoint"),
+])
+def test_user_errors_are_one_line_exit_2(tmp_path, argv, words):
+    result = run_script(*argv, "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error:") and words in lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing written before the error
+
+
+def test_bad_values_raise_user_error_in_process(tmp_path):
+    for bad in (dict(batch_size=0), dict(tau=0.0), dict(num_envs=3, total_timesteps=1000),
+                dict(learning_rate=-1.0), dict(checkpoint="x.pt")):
+        with pytest.raises(td3.UserError):
+            td3.main(small_args(tmp_path, **bad))
+
+
+# --- whole runs ---------------------------------------------------------------------------------
+def test_same_seed_gives_identical_numbers(tmp_path):
+    a = td3.main(small_args(tmp_path / "a", seed=3, state_norm=True))
+    b = td3.main(small_args(tmp_path / "b", seed=3, state_norm=True))
+    for key in ("eval_return_last", "eval_return_mean_last10", "episodes", "audit"):
+        assert a[key] == b[key]
+    c = td3.main(small_args(tmp_path / "c", seed=4, state_norm=True))
+    assert c["eval_return_last"] != a["eval_return_last"]
+
+
+def test_eval_only_reproduces_the_final_evaluation(tmp_path):
+    summary = td3.main(small_args(tmp_path, save_model=True, state_norm=True))
+    model = os.path.join(summary["run_dir"], "model.pt")
+    again = td3.main(td3.Args(eval_only=True, checkpoint=model, eval_episodes=2, seed=1, runs_dir=str(tmp_path), cuda=False))
+    # same seed + 100 eval env, same frozen normalizer and actor: the very same episodes
+    assert again["eval_return_mean"] == summary["eval_return_last"]
+    assert os.path.isfile(os.path.join(again["run_dir"], "summary.json"))
+
+
+def test_resume_after_interruption_counts_every_step_once(tmp_path):
+    argv = ["--env-id", "Pendulum-v1", "--total-timesteps", "4000", "--learning-starts", "500",
+            "--eval-frequency", "1000", "--eval-episodes", "1", "--checkpoint-frequency", "1000",
+            "--runs-dir", str(tmp_path), "--no-cuda", "--batch-size", "64"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    ckpt = None
+    while time.time() < deadline and ckpt is None:
+        time.sleep(0.2)
+        found = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path) for f in fs if f == "checkpoint.pt"]
+        ckpt = found[0] if found else None
+    assert ckpt is not None, "no checkpoint was written"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)  # a hard stop, mid-run
+    proc.wait()
+    step_at_ckpt = torch.load(ckpt, weights_only=False)["global_step"]
+    assert step_at_ckpt < 4000
+
+    result = run_script("--resume", ckpt)
+    assert result.returncode == 0, result.stderr
+    run_dir = os.path.dirname(ckpt)
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    assert summary["global_step"] == 4000
+    assert summary["updates"] == 4000 - 500  # every learning step updated exactly once
+    with open(os.path.join(run_dir, "evaluations.csv")) as f:
+        steps = [int(r["global_step"]) for r in csv.DictReader(f)]
+    assert steps == [1000, 2000, 3000, 4000]
+    final = torch.load(ckpt, weights_only=False)
+    assert final["global_step"] == 4000 and final["buffer"]["size"] == 4000
+
+
+def test_pendulum_learns(tmp_path):
+    # Issue 2, item 6: seed 1, 15k steps, learning_starts 1000 -> last deterministic eval >= -250.
+    summary = td3.main(td3.Args(env_id="Pendulum-v1", seed=1, total_timesteps=15000, learning_starts=1000,
+                                eval_frequency=5000, runs_dir=str(tmp_path), cuda=False))
+    assert summary["eval_return_last"] >= -250
