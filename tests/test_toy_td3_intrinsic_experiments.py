@@ -1,0 +1,146 @@
+"""Tests of toy_td3_intrinsic_experiments.py: the note's numbers, by hand and by independent methods."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import toy_td3_intrinsic_experiments as toy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One full default run (the command users type), timed."""
+    out = tmp_path_factory.mktemp("toy")
+    start = time.time()
+    metrics = toy.main(toy.Args(out_dir=str(out)))
+    return out, metrics, time.time() - start
+
+
+def test_default_run_is_fast_and_writes_every_file(run):
+    out, metrics, seconds = run
+    assert seconds < 60
+    for name in ("fig_action_gap_phase.png", "fig_gate_and_scale.png", "fig_actor_freeze.png"):
+        path = out / "figures" / name
+        assert path.stat().st_size > 20_000  # a real figure, not an empty canvas
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "toy_metrics.json") as f:
+        on_disk = json.load(f)
+    assert on_disk["action_gap"]["lambda_star_empirical"] == metrics["action_gap"]["lambda_star_empirical"]
+    assert set(on_disk) >= {"action_gap", "gate_scale", "actor_freeze"}
+
+
+# --- A. action gap --------------------------------------------------------------------------------
+def test_argmax_flip_by_hand():
+    q = toy.q_env_discrete(0.2)  # best 1.0, runner-up 0.8
+    delta = np.zeros(toy.N_ACTIONS)
+    delta[toy.BEST], delta[toy.RUNNER_UP] = -1.0, 1.0
+    # w = 0.09: best 1 - 0.09 = 0.91 > runner-up 0.8 + 0.09 = 0.89, no flip
+    assert not toy.argmax_flipped(q, delta, 0.09)
+    # w = 0.11: 0.89 < 0.91, the runner-up wins
+    assert toy.argmax_flipped(q, delta, 0.11)
+    assert not toy.argmax_flipped(q, np.full(toy.N_ACTIONS, 7.0), 100.0)  # constant Delta: never
+    assert toy.action_gap_threshold(0.2, 2.0) == pytest.approx(0.1)
+
+
+def test_action_gap_metrics(run):
+    ag = run[1]["action_gap"]
+    assert ag["sup_delta"] == 2.0 and ag["m"] == 0.2
+    assert ag["lambda_star_theory"] == pytest.approx(0.1)
+    assert ag["w_step"] <= 0.005
+    assert abs(ag["lambda_star_empirical"] - 0.1) <= ag["w_step"]
+    assert ag["action_independent_flips"] == 0
+    assert ag["random_delta_flips_below_lambda_star"] == 0  # the bound holds for any Delta of spread 2
+    assert ag["phase_map"]["boundary_max_abs_error"] <= ag["w_step"] + 1e-12
+    assert 0.0 < ag["phase_map"]["flipped_fraction"] < 1.0
+
+
+# --- B. gate and scale ----------------------------------------------------------------------------
+def test_kappa_is_2_delta_near_the_bound():
+    # kappa(1 - delta) = 2 delta - delta^2; at delta = 0.01: 0.0199, and 2 delta = 0.02
+    assert toy.kappa(np.array([0.99]))[0] == pytest.approx(0.0199)
+    # relative error of 2 delta is delta / (2 - delta), largest at delta = 0.01
+    assert toy.kappa_2delta_max_rel_error() == pytest.approx(0.01 / 1.99, rel=1e-9)
+
+
+def gauss_hermite_kappa_mean(ratio, nodes=120):
+    """E[sech^2(u)], u ~ N(0, 1 + r^2), by Gauss-Hermite: a method independent of the script's."""
+    x, w = np.polynomial.hermite_e.hermegauss(nodes)
+    u = np.sqrt(1 + ratio**2) * x
+    return float(np.sum(w / np.cosh(u) ** 2) / np.sqrt(2 * np.pi))
+
+
+def test_exact_values_against_independent_methods():
+    ex1, ex100 = toy.gate_stats_exact(1.0), toy.gate_stats_exact(100.0)
+    assert ex1["kappa_mean"] == pytest.approx(gauss_hermite_kappa_mean(1.0), abs=1e-6)
+    # ratio 100: u is spread so wide that E[sech^2 u] = (integral of sech^2 = 2) * density at 0,
+    # and E|x_small| given u ~ 0 is the folded-normal mean sqrt(2/pi) * r / sqrt(1 + r^2)
+    sigma = math.sqrt(1 + 100.0**2)
+    assert ex100["kappa_mean"] == pytest.approx(2 / (math.sqrt(2 * math.pi) * sigma), rel=2e-3)
+    assert ex100["transport"] == pytest.approx(2 / (math.sqrt(2 * math.pi) * sigma) * math.sqrt(2 / math.pi) * 100 / sigma, rel=2e-3)
+    # saturation is closed form: P(|u| >= atanh(0.99)) = 2 Phi(-atanh(0.99) / sigma)
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    assert ex1["saturation_rate"] == pytest.approx(2 * phi(-math.atanh(0.99) / math.sqrt(2)), rel=1e-9)
+    assert ex1["kappa_mean"] == pytest.approx(0.4800, abs=5e-4)
+    assert ex1["transport"] == pytest.approx(0.3041, abs=5e-4)
+
+
+def test_gate_scale_monte_carlo_numbers(run):
+    gs = run[1]["gate_scale"]
+    ratios = gs["scale_ratios"]
+    assert ratios[0] == 1.0 and ratios[-1] == 100.0
+    assert np.allclose(np.diff(np.log(ratios)), np.log(100) / (len(ratios) - 1))  # log-spaced
+    no, norm = gs["no_norm"], gs["norm"]
+    assert no["kappa_mean"][0] == pytest.approx(0.481, abs=0.01)
+    assert no["kappa_mean"][-1] <= 0.01
+    assert no["transport"][0] == pytest.approx(0.304, abs=0.01)
+    assert no["transport"][-1] <= 0.008
+    for i in range(len(ratios)):
+        assert norm["kappa_mean"][i] == pytest.approx(0.481, abs=0.015)
+        assert norm["transport"][i] == pytest.approx(0.304, abs=0.015)
+    assert all(b > a for a, b in zip(no["saturation_rate"], no["saturation_rate"][1:]))
+    assert max(norm["saturation_rate"]) < 0.1
+    # Monte Carlo and quadrature agree within 4 standard errors at every ratio
+    exact = gs["exact"]["no_norm"]
+    for key in ("kappa_mean", "transport"):
+        for mc, se, ex in zip(no[key], no[f"{key}_se"], exact[key]):
+            assert abs(mc - ex) <= 4 * se
+    assert gs["kappa_2delta_max_rel_error"] == pytest.approx(0.01 / 1.99, rel=1e-6)
+
+
+# --- C. training ----------------------------------------------------------------------------------
+def test_actor_freeze_and_flip(run):
+    af = run[1]["actor_freeze"]
+    freeze = af["freeze"]
+    assert freeze["no_norm"]["near_bound_ratio"][0] == 1.0 and freeze["norm"]["near_bound_ratio"][0] == 1.0
+    assert freeze["no_norm"]["steps_to_leave_bound"] is None  # stuck for the whole budget
+    assert freeze["no_norm"]["near_bound_ratio"][-1] == 1.0
+    assert freeze["norm"]["steps_to_leave_bound"] is not None
+    assert freeze["norm"]["steps_to_leave_bound"] < freeze["train_steps"]
+    assert freeze["norm"]["final_action_mean"] == pytest.approx(0.3, abs=0.05)  # reached Q's optimum
+    assert freeze["no_norm"]["initial_kappa_mean"] < 1e-8 < freeze["norm"]["initial_kappa_mean"]
+
+    flip = af["flip"]
+    assert flip["measured_action_gap"] == pytest.approx(0.2, abs=0.01)
+    runs = flip["runs"]
+    assert not runs["w_0"]["flipped"] and runs["w_0"]["final_action_mean"] == pytest.approx(0.5, abs=0.05)
+    assert not runs["w_0.5_lambda"]["flipped"]
+    assert runs["w_2_lambda"]["flipped"] and runs["w_2_lambda"]["final_action_mean"] == pytest.approx(-0.5, abs=0.05)
+    # an action-independent bonus moves Q by w everywhere and the actor not at all
+    assert flip["constant_delta_actions_identical_to_w_0"] is True
+
+
+def test_bad_flag_is_one_line_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "toy_td3_intrinsic_experiments.py"),
+                             "--num-samples", "10", "--out-dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--num-samples" in result.stderr
+    assert not (tmp_path / "out").exists()
