@@ -764,7 +764,7 @@ def main(args: Args) -> dict:
     ep_returns = np.zeros(args.num_envs)
     ep_lengths = np.zeros(args.num_envs, dtype=int)
     prev_done = np.zeros(args.num_envs, dtype=bool)
-    start_time = time.time()
+    start_time, start_step = time.time(), global_step
     learn_seconds, learn_steps, last_progress = 0.0, 0, time.time()
 
     def learning_sps() -> float:
@@ -814,11 +814,15 @@ def main(args: Args) -> dict:
                          "learn_steps": learn_steps_before + learn_steps}})
 
     def print_progress() -> None:
-        last = eval_history[-1]["eval_return_mean"] if eval_history else float("nan")
+        last = f"{eval_history[-1]['eval_return_mean']:.1f}" if eval_history else "-"
         sps = learning_sps()
-        eta = (args.total_timesteps - global_step) / sps if sps > 0 else float("nan")
-        print(f"step {global_step}/{args.total_timesteps} | learning SPS {sps:.0f} | last eval {last:.1f} | "
-              f"ETA {format_eta(eta) if sps > 0 else '?'}", flush=True)
+        if sps > 0:
+            rate = f"learning SPS {sps:.0f}"
+        else:  # still in the uniform-random phase: no update has been timed yet
+            sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
+            rate = f"random-phase SPS {sps:.0f}"
+        eta = format_eta((args.total_timesteps - global_step) / sps) if sps > 0 else "?"
+        print(f"step {global_step}/{args.total_timesteps} | {rate} | last eval {last} | ETA {eta}", flush=True)
 
     while global_step < args.total_timesteps:
         learning = global_step >= args.learning_starts

@@ -345,7 +345,7 @@ def train_actor(actor: TanhActor, critic, states_fn, steps: int, lr: float, batc
     (1e-8): a *small* kappa does not freeze an actor. What freezes it is kappa underflowing to
     exactly 0, which is what huge pre-activations from unnormalized levels do.
     """
-    opt = torch.optim.Adam(actor.parameters(), lr=lr)
+    opt = torch.optim.Adam(actor.parameters(), lr=lr, fused=True)  # one kernel: these nets are all overhead
     steps_rec, near_rec, mean_rec = [], [], []
     for step in range(steps + 1):
         if step % record_every == 0 or step == steps:

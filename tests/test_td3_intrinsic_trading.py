@@ -1,0 +1,339 @@
+"""Tests of td3_intrinsic_trading.py: env, data, metrics and normalizer by hand; the freeze by a real run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import td3_intrinsic_trading as tr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "td3_intrinsic_trading.py")
+
+
+# --- environment and data -------------------------------------------------------------------------
+def test_env_passes_gymnasium_check_env():
+    market = tr.synthetic_market(2000, 0)
+    features = tr.market_features(market.close, market.volume)
+    env = tr.make_env(market, features, (tr.WARMUP, 1400), tr.Args(), training=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # check_env warns about unbounded Box limits; it must not raise
+        check_env(env, skip_render_check=True)
+
+
+def test_rewards_cost_and_risk_by_hand_on_5_steps():
+    close = np.array([100.0, 102.0, 99.0, 99.0, 103.95])
+    features = np.zeros((5, tr.N_MARKET_FEATURES))
+    features[:, tr.VOL_IDX] = [0.01, 0.02, 0.01, 0.03, 0.0]  # sigma_t of the risk term
+    env = tr.TradingEnv(close, features, 0, 5, episode_length=None, cost=0.001, risk_penalty=10.0,
+                        reward_scale=1.0, initial_equity=1e5)
+    obs, _ = env.reset(seed=0)
+    assert obs[tr.POSITION_IDX] == 0.0 and obs[tr.EQUITY_IDX] == 1e5
+    expected = [
+        # p=0.5: 0.5*0.02 - 0.001*0.5 - 10*0.25*0.01^2 = 0.01 - 0.0005 - 0.00025
+        (0.5, 0.00925, 0.0095),
+        # p=-0.5: -0.5*(99/102 - 1) - 0.001*1.0 - 10*0.25*0.02^2 = 0.0147059 - 0.001 - 0.001
+        (-0.5, 0.5 * 3 / 102 - 0.002, 0.5 * 3 / 102 - 0.001),
+        # p=-0.5, flat price, no trade: only the risk term 10*0.25*0.01^2
+        (-0.5, -0.00025, 0.0),
+        # p=1: 0.05 - 0.001*1.5 - 10*1*0.03^2 = 0.05 - 0.0015 - 0.009
+        (1.0, 0.0395, 0.0485),
+    ]
+    equity = 1e5
+    for i, (p, reward, pnl) in enumerate(expected):
+        obs, r, terminated, truncated, info = env.step(np.array([p], dtype=np.float32))
+        equity *= 1 + pnl
+        assert r == pytest.approx(reward, abs=1e-12)
+        assert info["step_return"] == pytest.approx(pnl, abs=1e-12)
+        assert obs[tr.POSITION_IDX] == pytest.approx(p) and obs[tr.EQUITY_IDX] == pytest.approx(equity, rel=1e-6)
+        assert not terminated and truncated == (i == 3)  # the split ends after 4 steps
+
+
+def test_ruin_terminates():
+    close = np.array([100.0, 5.0, 5.0, 5.0])
+    env = tr.TradingEnv(close, np.zeros((4, tr.N_MARKET_FEATURES)), 0, 4, episode_length=None, cost=0.0,
+                        risk_penalty=0.0, reward_scale=1.0, initial_equity=1e5)
+    env.reset(seed=0)
+    _, _, terminated, truncated, _ = env.step(np.array([1.0], dtype=np.float32))
+    assert terminated and not truncated  # equity fell 95%: below 10% of the start
+
+
+def test_no_feature_at_t_depends_on_data_after_t():
+    market = tr.synthetic_market(400, 3)
+    base = tr.market_features(market.close, market.volume)
+    t = 250
+    close, volume = market.close.copy(), market.volume.copy()
+    close[t + 1:] *= np.linspace(0.3, 3.0, len(close) - t - 1)  # rewrite the future
+    volume[t + 1:] = 1.0
+    changed = tr.market_features(close, volume)
+    np.testing.assert_array_equal(changed[: t + 1], base[: t + 1])
+    assert not np.allclose(changed[t + 1:, 0], base[t + 1:, 0])
+    # the env's observation at t (same position and equity so far) is unchanged as well
+    env_a = tr.TradingEnv(market.close, base, t - 5, 400, episode_length=None)
+    env_b = tr.TradingEnv(close, changed, t - 5, 400, episode_length=None)
+    oa, _ = env_a.reset(seed=0)
+    ob, _ = env_b.reset(seed=0)
+    for _ in range(5):
+        np.testing.assert_array_equal(oa, ob)
+        oa, *_ = env_a.step(np.array([0.3], dtype=np.float32))
+        ob, *_ = env_b.step(np.array([0.3], dtype=np.float32))
+    np.testing.assert_array_equal(oa, ob)  # observation at t itself
+
+
+def test_features_by_hand():
+    close = 100.0 * np.exp(np.cumsum(np.r_[0.0, np.full(29, 0.01)]))  # constant 1% log-returns
+    feats = tr.market_features(close, np.full(30, 5.0))
+    t = 25
+    assert feats[t, 2] == pytest.approx(0.01)
+    assert feats[t, 3] == pytest.approx(0.0, abs=1e-12)  # no variation, no realized vol
+    assert feats[t, 4] == pytest.approx(0.10)  # 10 steps of 1%
+    assert feats[t, 5] == pytest.approx(close[t] / close[t - 19: t + 1].mean() - 1)
+    assert np.isnan(feats[tr.WARMUP - 1, 3])
+
+
+def test_synthetic_market_regimes():
+    m = tr.synthetic_market(10000, 0)
+    r = np.diff(np.log(m.close))
+    bull, bear = m.regime[1:] == 0, m.regime[1:] == 1
+    assert m.close[0] == 100.0
+    assert r[bull].std() == pytest.approx(0.010, rel=0.1) and r[bear].std() == pytest.approx(0.018, rel=0.1)
+    assert np.all(m.high >= np.maximum(m.open, m.close)) and np.all(m.low <= np.minimum(m.open, m.close))
+    assert np.median(m.volume) == pytest.approx(3e6 * math.exp(0.1), rel=0.15)  # 8|r| adds ~0.06, bear 0.4 * share
+
+
+# --- CSV ------------------------------------------------------------------------------------------
+def write_csv(path, header, rows):
+    with open(path, "w") as f:
+        f.write(",".join(header) + "\n")
+        for row in rows:
+            f.write(",".join(str(c) for c in row) + "\n")
+    return str(path)
+
+
+def ohlcv_rows(n, start_day=1):
+    rows = []
+    for i in range(n):
+        day = (start_day + i) % 28 + 1
+        month = (start_day + i) // 28 % 12 + 1
+        year = 2000 + (start_day + i) // 336
+        c = 100 + i * 0.1
+        rows.append([f"{day:02d}.{month:02d}.{year} 00:00:00.000", c, c + 1, c - 1, c, c * 2, 1000 + i])
+    return rows
+
+
+def test_csv_is_read_sorted_and_adjusted(tmp_path):
+    rows = ohlcv_rows(250)
+    path = write_csv(tmp_path / "d.csv", ["Gmt time", "OPEN", "High", "low", "Close", "Adj Close", "Volume"],
+                     list(reversed(rows)))  # newest first, as many exports are
+    m = tr.load_csv(path)
+    assert len(m.close) == 250
+    assert m.dates == sorted(m.dates)
+    assert m.close[0] == pytest.approx(200.0)  # Close 100 scaled by Adj Close / Close = 2
+    assert m.open[0] == pytest.approx(200.0) and m.high[0] == pytest.approx(202.0)
+    assert m.volume[0] == 1000
+
+
+def test_iso_dates(tmp_path):
+    rows = [[f"2001-{1 + i // 28:02d}-{1 + i % 28:02d}", 10, 11, 9, 10 + i * 0.01, 5] for i in range(240)]
+    m = tr.load_csv(write_csv(tmp_path / "iso.csv", ["Date", "Open", "High", "Low", "Close", "Volume"], rows))
+    assert m.close[-1] == pytest.approx(10 + 239 * 0.01)
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda h, r: (h[:4] + h[5:], r), "no close column"),
+    (lambda h, r: (h, r[:3] + [r[3][:4] + ["abc"] + r[3][5:]] + r[4:]), "row 5: close 'abc' is not a number"),
+    (lambda h, r: (h, r[:3] + [r[3][:4] + ["-1"] + r[3][5:]] + r[4:]), "row 5: close -1 must be positive"),
+    (lambda h, r: (h, r[:3] + [r[3][:4] + ["nan"] + r[3][5:]] + r[4:]), "row 5: close is nan"),
+    (lambda h, r: (h, r[:50]), "50 data rows"),
+    (lambda h, r: (h, r[:3] + [["31.02.2001 00:00:00.000"] + r[3][1:]] + r[4:]), "row 5: date"),
+])
+def test_bad_csv_is_a_clear_error(tmp_path, mutate, words):
+    header = ["Time", "Open", "High", "Low", "Close", "Adj Close", "Volume"]
+    header, rows = mutate(header, ohlcv_rows(250))
+    path = write_csv(tmp_path / "bad.csv", header, rows)
+    with pytest.raises(tr.UserError, match=words):
+        tr.load_csv(path)
+
+
+def test_bad_csv_from_the_command_line_is_one_line_exit_2(tmp_path):
+    for argv in (["--data-csv", str(tmp_path / "missing.csv")], ["--train-frac", "0.9", "--val-frac", "0.2"]):
+        result = subprocess.run([sys.executable, SCRIPT, *argv, "--runs-dir", str(tmp_path / "runs")],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
+        assert not (tmp_path / "runs").exists()
+
+
+# --- metrics --------------------------------------------------------------------------------------
+def test_performance_metrics_by_hand():
+    r = np.array([0.1, -0.05, 0.02, -0.01])
+    m = tr.performance_metrics(r, np.array([1.0, 0.5, -0.5, -0.5]), 252)
+    # mean 0.015; population std sqrt(0.0121/4) = 0.055; Sharpe sqrt(252)*0.015/0.055
+    assert m["sharpe"] == pytest.approx(math.sqrt(252) * 0.015 / 0.055)
+    assert m["sharpe"] == pytest.approx(4.32940, abs=1e-4)
+    # downside deviation sqrt((0.05^2 + 0.01^2)/4) = sqrt(0.00065)
+    assert m["sortino"] == pytest.approx(math.sqrt(252) * 0.015 / math.sqrt(0.00065))
+    # equity 1, 1.1, 1.045, 1.0659, 1.055241: worst fall from the 1.1 peak is to 1.045 -> 5%
+    assert m["max_drawdown"] == pytest.approx(0.05)
+    assert m["total_return"] == pytest.approx(0.055241)
+    assert m["annualized_return"] == pytest.approx(1.055241 ** (252 / 4) - 1)
+    assert m["turnover"] == pytest.approx(2.5)  # 1 + 0.5 + 1 + 0
+    assert m["volatility"] == pytest.approx(0.055 * math.sqrt(252))
+
+
+def test_flat_and_buy_and_hold_benchmarks():
+    close = np.array([100.0, 110.0, 99.0, 108.9])
+    b = tr.benchmark_metrics(close, (0, 4), tr.Args(cost_bp=10.0))
+    # buy and hold: +10% less 10 bp entry, -10%, +10%
+    assert b["buy_and_hold"]["total_return"] == pytest.approx((1 + 0.1 - 0.001) * 0.9 * 1.1 - 1)
+    assert b["buy_and_hold"]["turnover"] == 1.0
+    assert b["flat"]["sharpe"] == 0.0 and b["flat"]["total_return"] == 0.0
+
+
+def test_saturation_stats_by_hand():
+    s = tr.action_saturation_stats(np.array([1.0, -0.9995, 0.5, 0.0]))
+    assert s["near_bound_ratio"] == 0.5
+    assert not s["actor_collapse_detected"]
+    # kappa = [0, 1 - 0.9995^2, 0.75, 1]
+    assert s["kappa_mean"] == pytest.approx((0 + (1 - 0.9995**2) + 0.75 + 1) / 4)
+    assert tr.action_saturation_stats(np.full(20, -1.0))["actor_collapse_detected"]
+
+
+# --- normalizer -----------------------------------------------------------------------------------
+def test_state_normalizer_zscore_and_robust_against_numpy():
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.normal(100, 5, 500), np.exp(rng.normal(15, 0.3, 500)), rng.normal(0, 0.01, 500),
+                         rng.uniform(0, 0.02, 500), rng.normal(0, 0.05, 500), rng.normal(0, 0.02, 500),
+                         rng.uniform(-1, 1, 500), rng.normal(1e5, 1e3, 500)])
+    z = tr.StateNormalizer.fit(x, "zscore", log_volume=True)
+    logged = x.copy()
+    logged[:, 1] = np.log1p(logged[:, 1])
+    np.testing.assert_allclose(z.center, logged.mean(0))
+    np.testing.assert_allclose(z.scale, logged.std(0))
+    out = z(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(out, np.clip((logged - logged.mean(0)) / logged.std(0), -10, 10), atol=2e-3)
+    r = tr.StateNormalizer.fit(x, "robust", log_volume=False)
+    np.testing.assert_allclose(r.center, np.median(x, 0))
+    np.testing.assert_allclose(r.scale, np.percentile(x, 75, 0) - np.percentile(x, 25, 0))
+    far = torch.as_tensor(x[:1] + 1e9, dtype=torch.float32)
+    assert torch.all(r(far) <= 10.0)
+
+
+# --- the freeze, reproduced and lifted ------------------------------------------------------------
+def read_json(run_dir, name):
+    with open(os.path.join(run_dir, name)) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def freeze_runs(tmp_path_factory):
+    """The issues' two commands: the note's puzzle (raw features, rnd) and the fix (--state-norm, sa-rnd).
+    Both are paired runs, so each also holds a plain TD3 baseline trained on the same seeds."""
+    out = tmp_path_factory.mktemp("freeze")
+    common = dict(seed=1, total_timesteps=6000, learning_starts=1000, runs_dir=str(out), cuda=False)
+    return {"raw": tr.main(tr.Args(state_norm=False, intrinsic_kind="rnd", intrinsic_coef=0.5, **common)),
+            "norm": tr.main(tr.Args(state_norm=True, intrinsic_kind="sa-rnd", **common))}
+
+
+def test_freeze_reproduces_without_normalization_and_lifts_with_it(freeze_runs):
+    raw, norm = freeze_runs["raw"], freeze_runs["norm"]
+    assert raw["saturation"]["baseline"]["near_bound_ratio"] >= 0.95
+    assert raw["saturation"]["baseline"]["actor_collapse_detected"]
+    assert norm["saturation"]["baseline"]["near_bound_ratio"] < 0.5
+    raw_scale = read_json(raw["run_dir"], "state_scale_summary.json")
+    norm_scale = read_json(norm["run_dir"], "state_scale_summary.json")
+    assert raw_scale["p99_abs_spread"]["pre"] >= 1e6 and raw_scale["mode"] == "none"
+    assert norm_scale["p99_abs_spread"]["post"] <= 10 and norm_scale["mode"] == "zscore" and norm_scale["log_volume"]
+
+
+def test_run_folder_files_and_schemas(freeze_runs):
+    run_dir = freeze_runs["norm"]["run_dir"]
+    files = set(os.listdir(run_dir))
+    assert {"summary.json", "state_scale_summary.json", "td3_action_saturation.json", "eval_test.json",
+            "eval_equity.png", "action_saturation.png"} <= files
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run_dir, "baseline")))
+    ev = read_json(run_dir, "eval_test.json")
+    for section in (ev["agents"]["baseline"], ev["buy_and_hold"], ev["flat"]):
+        assert {"sharpe", "sortino", "total_return", "annualized_return", "max_drawdown", "turnover"} <= set(section)
+    sat = read_json(run_dir, "td3_action_saturation.json")["agents"]["baseline"]
+    assert {"near_bound_ratio", "actor_collapse_detected", "kappa_mean", "kappa_p10"} <= set(sat["summary"])
+    assert [h["global_step"] for h in sat["history"]] == [5000, 6000]
+    scale = read_json(run_dir, "state_scale_summary.json")
+    assert scale["feature_names"] == tr.FEATURE_NAMES
+    assert scale["fit_sample_count"] == 6999 - tr.WARMUP  # one state per step of the train split [20, 7000)
+    for key in ("pre_stats", "post_stats"):
+        assert len(scale[key]["per_dim"]) == 8 and set(scale[key]["global"]) == {"min", "max", "p95_abs", "p99_abs"}
+
+
+# --- intrinsic rewards and the paired audit ------------------------------------------------------
+def test_rnd_error_falls_on_repeated_inputs_and_stays_higher_on_new_ones():
+    torch.manual_seed(0)
+    rnd = tr.RND("rnd", 8, torch.device("cpu"), seed=0, lr=1e-3)
+    seen = torch.randn(256, 8) * 3 + 1
+    before = rnd.prediction_error(None, None, seen).mean().item()
+    for _ in range(300):
+        rnd.bonus(None, None, seen)
+    after = rnd.prediction_error(None, None, seen).mean().item()
+    new = rnd.prediction_error(None, None, torch.randn(256, 8) * 3 + 1).mean().item()
+    assert after < 0.5 * before  # the predictor learned what it saw
+    assert new > 2 * after  # and novel states keep a higher error
+
+
+def test_sa_rnd_bonus_varies_with_the_action_rnd_does_not():
+    obs, next_obs = torch.randn(64, 8), torch.randn(64, 8)
+    low, high = torch.full((64, 1), -0.8), torch.full((64, 1), 0.8)
+    for kind, depends in (("rnd", False), ("sa-rnd", True)):
+        rnd = tr.RND(kind, 8, torch.device("cpu"), seed=0)
+        rnd.input_stats.update(torch.cat([obs, low], -1) if kind == "sa-rnd" else next_obs)
+        e_low = rnd.prediction_error(obs, low, next_obs)
+        e_high = rnd.prediction_error(obs, high, next_obs)
+        assert (not torch.equal(e_low, e_high)) == depends
+
+
+def test_intrinsic_coef_zero_gives_bit_identical_agents(tmp_path):
+    summary = tr.main(tr.Args(seed=2, total_timesteps=1500, learning_starts=500, eval_frequency=750,
+                              intrinsic_kind="rnd", intrinsic_coef=0.0, runs_dir=str(tmp_path), cuda=False,
+                              market_steps=3000))
+    paired = summary["paired"]
+    assert paired["action_equal_ratio"] == 1.0 and paired["eval_value_mae"] == 0.0
+    assert paired["action_equal_ratio_mean"] == 1.0 and paired["q1_delta_mean"] == 0.0
+    assert summary["diagnosis"]["code"] == "R4"
+    assert summary["test"]["agents"]["baseline"] == summary["test"]["agents"]["intrinsic"]
+
+
+def test_the_notes_puzzle_value_moved_policy_frozen(freeze_runs):
+    raw = freeze_runs["raw"]
+    paired = raw["paired"]
+    assert abs(paired["intrinsic_mean_delta"]) > 0.05  # w * r_int clearly moved the targets
+    assert paired["action_equal_ratio"] >= 0.999
+    assert raw["diagnosis"]["code"] == "R1"
+    assert "--state-norm" in raw["diagnosis"]["advice"]  # both actors sit at the bound
+    sat = read_json(raw["run_dir"], "td3_action_saturation.json")
+    assert set(sat["agents"]) == {"baseline", "intrinsic"}
+    for key in ("action_equal_ratio", "eval_value_mae", "intrinsic_mean_delta", "q1_delta_mean"):
+        assert key in sat["paired"] and f"{key}_mean" in sat["paired"]
+    assert sat["diagnosis"]["code"] == "R1" and sat["diagnosis"]["advice"]
+
+
+def test_sa_rnd_with_state_norm_moves_the_actions(freeze_runs):
+    norm = freeze_runs["norm"]
+    assert norm["paired"]["action_equal_ratio"] < 0.999
+    assert norm["diagnosis"]["code"] in ("R2", "R3")
+    assert norm["saturation"]["intrinsic"]["near_bound_ratio"] < 0.95
+
+
+def test_diagnosis_rules_on_crafted_numbers():
+    base = dict(action_equal_ratio=1.0, eval_value_mae=0.0, intrinsic_mean_delta=0.3, q1_delta_mean=2.0)
+    assert tr.diagnose(base, 1.0, 1e5)["code"] == "R1"
+    assert "--state-norm" in tr.diagnose(base, 1.0, 1e5)["advice"]
+    assert "sa-rnd" in tr.diagnose(base, 0.1, 1e5)["advice"]  # free actor, frozen policy: redesign r_int
+    assert tr.diagnose({**base, "action_equal_ratio": 0.5}, 0.1, 1e5)["code"] == "R2"
+    assert tr.diagnose({**base, "action_equal_ratio": 0.5, "eval_value_mae": 40.0}, 0.1, 1e5)["code"] == "R3"
+    assert tr.diagnose({**base, "intrinsic_mean_delta": 0.0}, 0.1, 1e5)["code"] == "R4"
