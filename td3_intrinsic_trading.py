@@ -1041,10 +1041,12 @@ def main(args: Args) -> dict:
                  "agents": {name: res["metrics"] for name, res in test.items()},
                  "buy_and_hold": bench["buy_and_hold"], "flat": bench["flat"]}
     write_json_atomic(os.path.join(run_dir, "eval_test.json"), eval_test)
+    # summary/history: the eval trajectory during training (validation split), summary = last eval;
+    # test: the same statistics on the test split at the end.
     saturation = {"near_bound_threshold": NEAR_BOUND, "collapse_threshold": COLLAPSE_RATIO,
-                  "summary_split": "test", "history_split": "val",
-                  "agents": {name: {"summary": test[name]["saturation"], "history": trained[name]["history"]}
-                             for name in trained},
+                  "summary_split": "val", "history_split": "val", "test_split": "test",
+                  "agents": {name: {"summary": trained[name]["history"][-1], "history": trained[name]["history"],
+                                    "test": test[name]["saturation"]} for name in trained},
                   "paired": None, "diagnosis": None}
     if "baseline" in trained and "intrinsic" in trained:
         delta = trained["intrinsic"]["intrinsic"].mean_delta()
@@ -1067,18 +1069,20 @@ def main(args: Args) -> dict:
 
     summary = {"run_dir": run_dir, "seed": args.seed, "state_norm": args.state_norm,
                "total_timesteps": args.total_timesteps, "test": eval_test,
-               "saturation": {name: test[name]["saturation"] for name in trained},
+               "saturation": {name: trained[name]["history"][-1] for name in trained},
+               "saturation_test": {name: test[name]["saturation"] for name in trained},
                "paired": None if saturation["paired"] is None else {k: v for k, v in saturation["paired"].items() if k != "history"},
                "diagnosis": saturation["diagnosis"],
                "sps_learning_phase": {name: round(t["sps_learning_phase"], 1) for name, t in trained.items()},
                "wall_time_s": round(time.time() - start, 2)}
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
-    print_table(eval_test, summary["saturation"], summary["paired"], summary["diagnosis"])
+    print_table(eval_test, summary["saturation_test"], summary["paired"], summary["diagnosis"])
     print(f"-> {run_dir} ({summary['wall_time_s']:.0f} s)")
     return summary
 
 
 def print_table(eval_test: dict, saturation: dict, paired: Optional[dict], diagnosis: Optional[dict]) -> None:
+    print(f"test split, {eval_test['steps']} steps")
     print(f"{'agent':<14}{'Sharpe':>8}{'return':>9}{'max DD':>8}{'near-bound':>12}{'kappa':>8}")
     for name, m in eval_test["agents"].items():
         s = saturation[name]
