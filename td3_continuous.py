@@ -818,10 +818,10 @@ def main(args: Args) -> dict:
         sps = learning_sps()
         if sps > 0:
             rate = f"learning SPS {sps:.0f}"
-        else:  # still in the uniform-random phase: no update has been timed yet
-            sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
-            rate = f"random-phase SPS {sps:.0f}"
-        eta = format_eta((args.total_timesteps - global_step) / sps) if sps > 0 else "?"
+            eta = format_eta((args.total_timesteps - global_step) / sps)
+        else:  # uniform-random phase: no update timed yet, so no honest ETA
+            rate = f"random-phase SPS {(global_step - start_step) / max(time.time() - start_time, 1e-9):.0f}"
+            eta = "? (learning not started)"
         print(f"step {global_step}/{args.total_timesteps} | {rate} | last eval {last} | ETA {eta}", flush=True)
 
     while global_step < args.total_timesteps:

@@ -507,14 +507,12 @@ class StateNormalizer:
                 "fit_count": self.fit_count}
 
 
-def reference_states(close: np.ndarray, features: np.ndarray, bounds: tuple, args: Args, seed: int) -> np.ndarray:
-    """One state per step of the train split, from a uniform-random-action rollout (the fit sample).
+def reference_states(env: TradingEnv, seed: int) -> np.ndarray:
+    """One state per step of a whole split, from a uniform-random-action rollout (the fit sample).
 
     Random trading pays about 7 bp a step in costs and is ruined long before the split ends;
     on ruin the rollout starts again flat at the same step, so every market state is covered.
     """
-    env = TradingEnv(close, features, *bounds, episode_length=None, cost=args.cost_bp * 1e-4,
-                     risk_penalty=args.risk_penalty, reward_scale=args.reward_scale, initial_equity=args.initial_equity)
     env.action_space.seed(seed)
     obs, _ = env.reset(seed=seed)
     states = []
@@ -586,16 +584,19 @@ class RND:
     def inputs(self, obs: torch.Tensor, actions: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
         return next_obs if self.kind == "rnd" else torch.cat([obs, actions], dim=-1)
 
-    def prediction_error(self, obs, actions, next_obs) -> torch.Tensor:
-        """Squared error of the predictor on normalized, clipped inputs (the novelty signal)."""
-        x = self.inputs(obs, actions, next_obs)
+    def _error(self, x: torch.Tensor) -> torch.Tensor:
         x = ((x - self.input_stats.mean.float()) / self.input_stats.std).clamp(-5.0, 5.0)
         return (self.predictor(x) - self.target(x)).square().mean(dim=-1)
 
+    def prediction_error(self, obs, actions, next_obs) -> torch.Tensor:
+        """Squared error of the predictor on normalized, clipped inputs (the novelty signal)."""
+        return self._error(self.inputs(obs, actions, next_obs))
+
     def bonus(self, obs, actions, next_obs) -> torch.Tensor:
         """r_int for a training batch: update the input stats, score, train the predictor on it."""
-        self.input_stats.update(self.inputs(obs, actions, next_obs))
-        error = self.prediction_error(obs, actions, next_obs)
+        x = self.inputs(obs, actions, next_obs)
+        self.input_stats.update(x)
+        error = self._error(x)
         self.optimizer.zero_grad(set_to_none=True)
         error.mean().backward()
         self.optimizer.step()
@@ -942,12 +943,16 @@ def train_agent(name: str, args: Args, market: Market, features: np.ndarray, spl
             for key in ("near_bound_ratio", "kappa_mean"):
                 writer.add_scalar(f"audit/{key}", entry[key], global_step)
         if global_step % args.eval_frequency == 0 or time.time() - last_print > 30 or global_step == args.total_timesteps:
-            sps = learn_steps / learn_seconds if learn_seconds > 0 else global_step / (time.time() - start)
             last = f"{history[-1]['val_sharpe']:.2f}" if history else "-"
-            eta = (args.total_timesteps - global_step) / max(sps, 1e-9)
-            print(f"[{name}] step {global_step}/{args.total_timesteps} | {'learning' if learn_steps else 'random-phase'} "
-                  f"SPS {sps:.0f} | val Sharpe {last} | near-bound {history[-1]['near_bound_ratio'] if history else '-'} "
-                  f"| ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            near = f"{history[-1]['near_bound_ratio']:.3f}" if history else "-"
+            if learn_seconds > 0:
+                sps = learn_steps / learn_seconds
+                eta = (args.total_timesteps - global_step) / sps
+                rate, eta_text = f"learning SPS {sps:.0f}", f"{int(eta // 60)}m{int(eta % 60):02d}s"
+            else:  # uniform-random phase: no update timed yet, so no honest ETA
+                rate, eta_text = f"random-phase SPS {global_step / (time.time() - start):.0f}", "? (learning not started)"
+            print(f"[{name}] step {global_step}/{args.total_timesteps} | {rate} | val Sharpe {last} | "
+                  f"near-bound {near} | ETA {eta_text}", flush=True)
             last_print = time.time()
     writer.close()
     return {"agent": agent, "history": history, "val_results": val_results, "intrinsic": intrinsic,
@@ -1013,7 +1018,7 @@ def main(args: Args) -> dict:
             raise UserError(f"the {split} split has {hi - lo} steps; use more data or change --train-frac/--val-frac")
 
     # Reference states for the scale audit (and the normalizer): one random-action rollout.
-    ref = reference_states(market.close, features, splits["train"], args, args.seed)
+    ref = reference_states(make_env(market, features, splits["train"], args, training=False), args.seed)
     normalizer = StateNormalizer.fit(ref, args.state_norm_kind, args.log_volume) if args.state_norm else None
     source = os.path.basename(args.data_csv) if args.data_csv else f"synthetic{args.market_seed}"
     run_name = f"{source}__{args.exp_name}__{args.seed}__{int(time.time())}"
