@@ -1069,8 +1069,10 @@ def main(args: Args) -> dict:
     plot_equity(test, bench["_buy_and_hold_equity"], args.initial_equity, os.path.join(run_dir, "eval_equity.png"))
     plot_saturation(test, os.path.join(run_dir, "action_saturation.png"))
     if args.save_model:
+        model_path = os.path.join(run_dir, "model.pt")
         torch.save({"args": asdict(args), "agents": {n: t["agent"].state_dict() for n, t in trained.items()}},
-                   os.path.join(run_dir, "model.pt"))
+                   f"{model_path}.tmp")
+        os.replace(f"{model_path}.tmp", model_path)  # never a half-written model
 
     summary = {"run_dir": run_dir, "seed": args.seed, "state_norm": args.state_norm,
                "total_timesteps": args.total_timesteps, "test": eval_test,
