@@ -801,10 +801,14 @@ def main(args: Args) -> dict:
             "pre_stats": pre, "post_stats": post,
             "p99_abs_spread": {"pre": p99_abs_spread(pre), "post": p99_abs_spread(post)}})
 
+    def model_state() -> dict:
+        """What model.pt holds; checkpoint.pt adds the buffer, RNG states and run progress."""
+        return {"format": CHECKPOINT_FORMAT, "args": asdict(args), "global_step": global_step,
+                "agent": agent.state_dict()}
+
     def save_checkpoint() -> None:
         save_torch_atomic(os.path.join(run_dir, "checkpoint.pt"), {
-            "format": CHECKPOINT_FORMAT, "args": asdict(args), "global_step": global_step,
-            "agent": agent.state_dict(), "buffer": rb.state_dict(),
+            **model_state(), "buffer": rb.state_dict(),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "action_space": envs.action_space.np_random.bit_generator.state},
             "progress": {"episodes": episodes, "eval_history": eval_history,
@@ -891,9 +895,7 @@ def main(args: Args) -> dict:
         "audit": saturation_history[-1], "run_dir": run_dir,
     }
     if args.save_model:
-        save_torch_atomic(os.path.join(run_dir, "model.pt"), {
-            "format": CHECKPOINT_FORMAT, "args": asdict(args), "global_step": global_step,
-            "agent": agent.state_dict()})
+        save_torch_atomic(os.path.join(run_dir, "model.pt"), model_state())
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     writer.close()
     print(f"done: {global_step} steps, last eval {summary['eval_return_last']:.1f}, "
