@@ -139,6 +139,7 @@ class UserError(Exception):
 
 
 LOG_EVERY_UPDATES = 100  # read metrics back from tensors only this often: .item() syncs
+PROGRESS_EVERY_SECONDS = 30.0  # a progress line at least this often: long runs never look hung
 NEAR_BOUND = 0.999  # |a| >= 0.999 a_max counts as "at the bound" (SPEC 3.6)
 COLLAPSE_RATIO = 0.95  # near_bound_ratio at or above this: actor_collapse_detected
 WARMUP = 20  # the longest feature window (MA20): the first usable step
@@ -481,8 +482,12 @@ class StateNormalizer:
     def transform_raw(x, log_volume: bool):
         if not log_volume:
             return x
-        x = x.copy() if isinstance(x, np.ndarray) else x.clone()
-        x[..., VOLUME_IDX] = np.log1p(x[..., VOLUME_IDX]) if isinstance(x, np.ndarray) else torch.log1p(x[..., VOLUME_IDX])
+        if isinstance(x, np.ndarray):  # fitting, in float64
+            x = x.copy()
+            x[..., VOLUME_IDX] = np.log1p(x[..., VOLUME_IDX])
+        else:  # every sampled batch
+            x = x.clone()
+            x[..., VOLUME_IDX] = torch.log1p(x[..., VOLUME_IDX])
         return x
 
     @classmethod
@@ -796,7 +801,7 @@ def evaluate(agent: TD3, env: TradingEnv, args: Args) -> dict:
         a = agent.raw_action(obs[None])[0]
         observations.append(obs)
         actions.append(float(a[0]))
-        obs, _, terminated, truncated, info = env.step(np.clip(a, -1.0, 1.0))
+        obs, _, terminated, truncated, info = env.step(a)  # the env clips to [-1, 1]
         returns.append(info["step_return"])
         positions.append(env.position)
         equity.append(env.equity)
@@ -930,7 +935,8 @@ def train_agent(name: str, args: Args, market: Market, features: np.ndarray, spl
                 writer.add_scalar("charts/SPS", int(learn_steps / max(learn_seconds, 1e-9)), global_step)
                 if intrinsic is not None:
                     writer.add_scalar("charts/intrinsic_mean_delta", intrinsic.mean_delta(), global_step)
-        if global_step % args.eval_frequency == 0 or global_step == args.total_timesteps:
+        evaluate_now = global_step % args.eval_frequency == 0 or global_step == args.total_timesteps
+        if evaluate_now:
             result = evaluate(agent, val_env, args)
             entry = {"global_step": global_step, **result["saturation"], "val_sharpe": result["metrics"]["sharpe"],
                      "val_total_return": result["metrics"]["total_return"], "q1_mean": result["q1_mean"]}
@@ -942,7 +948,7 @@ def train_agent(name: str, args: Args, market: Market, features: np.ndarray, spl
             writer.add_scalar("eval/total_return", entry["val_total_return"], global_step)
             for key in ("near_bound_ratio", "kappa_mean"):
                 writer.add_scalar(f"audit/{key}", entry[key], global_step)
-        if global_step % args.eval_frequency == 0 or time.time() - last_print > 30 or global_step == args.total_timesteps:
+        if evaluate_now or time.time() - last_print > PROGRESS_EVERY_SECONDS:
             last = f"{history[-1]['val_sharpe']:.2f}" if history else "-"
             near = f"{history[-1]['near_bound_ratio']:.3f}" if history else "-"
             if learn_seconds > 0:

@@ -94,7 +94,10 @@ def test_features_by_hand():
     assert feats[t, 2] == pytest.approx(0.01)
     assert feats[t, 3] == pytest.approx(0.0, abs=1e-12)  # no variation, no realized vol
     assert feats[t, 4] == pytest.approx(0.10)  # 10 steps of 1%
-    assert feats[t, 5] == pytest.approx(close[t] / close[t - 19: t + 1].mean() - 1)
+    # MA20 of a geometric series: close_t * mean_k e^{-0.01 k}, k = 0..19, summed in closed form
+    ma_ratio = (1 - math.exp(-0.2)) / (20 * (1 - math.exp(-0.01)))
+    assert feats[t, 5] == pytest.approx(1 / ma_ratio - 1)
+    assert feats[t, 5] == pytest.approx(0.09783, abs=1e-5)
     assert np.isnan(feats[tr.WARMUP - 1, 3])
 
 
