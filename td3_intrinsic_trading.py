@@ -8,13 +8,18 @@ critic's values while the actor does not move at all? Two mechanisms, both audit
   2. Action gap: r_tot = r_env + w*r_int only changes the greedy action if w*supDelta exceeds
      the action gap m; an action-independent r_int (plain RND on s') "raises the water level"
      and leaves the ranking of actions, hence the actor, alone. (toy_td3_intrinsic_experiments.py)
+A third lesson comes out of sample: a normalizer fitted on the train split cannot tame a level
+that trends (price, equity). `--state-norm` first makes them relative (stationary), and the
+shift audit in state_scale_summary.json shows what happens with `--no-stationary`.
 
 Run:     python td3_intrinsic_trading.py --state-norm          (the main command)
          python td3_intrinsic_trading.py                        (raw features: the freeze)
-         python td3_intrinsic_trading.py --data-csv prices.csv  (your own OHLCV data)
+         python td3_intrinsic_trading.py --state-norm --no-stationary   (z-scored levels: the shift)
+         python td3_intrinsic_trading.py --data-csv prices.csv --state-norm --save-model
+         python td3_intrinsic_trading.py --eval-only --checkpoint runs/.../model.pt [--data-csv other.csv]
 Writes:  runs/{run_name}/ with summary.json, state_scale_summary.json, td3_action_saturation.json,
-         eval_test.json, eval_equity.png, action_saturation.png, evaluations.csv and TensorBoard
-         events (one sub-folder per agent).
+         eval_test.json, eval_equity.png, action_saturation.png and TensorBoard events (one
+         sub-folder per agent); model.pt with --save-model.
 """
 
 from __future__ import annotations
@@ -64,6 +69,12 @@ class Args:
     """root folder of the run folders"""
     save_model: bool = False
     """write model.pt (networks and normalizer of every agent) at the end"""
+    eval_only: bool = False
+    """only evaluate the agents of --checkpoint (with their saved normalizer and settings), then exit"""
+    checkpoint: Optional[str] = None
+    """model.pt written by --save-model, for --eval-only"""
+    eval_split: Literal["test", "val", "train", "all"] = "test"
+    """--eval-only: the split to evaluate on (all: the whole file from its first usable row)"""
 
     # Market data
     data_csv: Optional[str] = None
@@ -98,6 +109,9 @@ class Args:
     """zscore: (x - mean)/std; robust: (x - median)/IQR"""
     log_volume: bool = True
     """with --state-norm, feed log1p(volume) instead of volume"""
+    stationary: bool = True
+    """with --state-norm, first turn the price and equity levels into relative quantities (price against
+    its 20-step high, equity drawdown); --no-stationary z-scores the raw levels (the out-of-sample failure)"""
 
     # Intrinsic reward and paired runs
     intrinsic_kind: Literal["none", "rnd", "sa-rnd"] = "rnd"
@@ -112,12 +126,15 @@ class Args:
     """environment steps per agent"""
     learning_starts: int = 5000
     """env steps of uniform random actions before learning starts"""
-    learning_rate: float = 3e-4
-    """the learning rate of both optimizers"""
+    learning_rate: float = 3e-5
+    """the learning rate of both optimizers (low: the reward's noise is ~10x its action-dependent drift)"""
+    hidden_size: int = 32
+    """width of the two hidden layers of the actor and of each critic (small: 7000 train steps to fit)"""
     buffer_size: int = int(1e6)
     """the replay memory buffer size"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
+    gamma: float = 0.5
+    """the discount factor gamma (short: an action sets the position for one step; a long horizon mostly adds
+    the noise of future returns to the critic's targets)"""
     tau: float = 0.005
     """target smoothing coefficient (Polyak averaging)"""
     batch_size: int = 256
@@ -128,10 +145,16 @@ class Args:
     """std of the Gaussian exploration noise, as a fraction of the action half-range"""
     policy_frequency: int = 2
     """the frequency of training the policy and the targets (delayed policy updates)"""
+    preactivation_penalty: Optional[float] = None
+    """beta of beta * mean(u^2) added to the actor loss, u the pre-tanh output: keeps the actor off the bound
+    where kappa ~ 0 (rlkit's policy_pre_activation_weight); default 1e-3 with --state-norm (chosen on
+    validation), 0 without it, so the raw-feature run stays plain TD3 (the freeze demo)"""
     noise_clip: float = 0.5
     """clip of the target policy smoothing noise, as a fraction of the action half-range"""
-    eval_frequency: int = 5000
+    eval_frequency: int = 1000
     """evaluate on the validation split every N env steps (and at the end)"""
+    keep_best: bool = True
+    """test the checkpoint with the best validation Sharpe (early stopping on the validation split)"""
 
 
 class UserError(Exception):
@@ -167,7 +190,7 @@ def parse_cli(argv: Optional[list[str]] = None) -> Args:
 
 
 def validate_args(args: Args) -> None:
-    for name in ("total_timesteps", "buffer_size", "batch_size", "policy_frequency", "eval_frequency",
+    for name in ("total_timesteps", "buffer_size", "batch_size", "policy_frequency", "eval_frequency", "hidden_size",
                  "learning_rate", "episode_length", "initial_equity", "periods_per_year", "reward_scale"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -175,6 +198,8 @@ def validate_args(args: Args) -> None:
                  "cost_bp", "risk_penalty", "intrinsic_coef"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.preactivation_penalty is not None and args.preactivation_penalty < 0:
+        raise UserError(f"--preactivation-penalty must be >= 0, got {args.preactivation_penalty}")
     if not 0.0 <= args.gamma < 1.0:
         raise UserError(f"--gamma must be in [0, 1), got {args.gamma}")
     if not 0.0 < args.tau <= 1.0:
@@ -184,6 +209,8 @@ def validate_args(args: Args) -> None:
                         "positive and sum to less than 1 (the rest is the test split)")
     if args.intrinsic_kind == "none" and not args.paired:
         raise UserError("--no-paired trains only the intrinsic agent, so it needs --intrinsic-kind rnd or sa-rnd")
+    if args.eval_only and not args.checkpoint:
+        raise UserError("--eval-only needs --checkpoint runs/.../model.pt (written by --save-model)")
     if args.data_csv is None and args.market_steps < MIN_ROWS:
         raise UserError(f"--market-steps must be >= {MIN_ROWS}, got {args.market_steps}")
 
@@ -294,22 +321,52 @@ def split_bounds(n: int, train_frac: float, val_frac: float) -> dict:
 # ~1e6 and prices ~1e2 unnormalized): this is what freezes the actor without --state-norm.
 FEATURE_NAMES = ["close", "volume", "log_return", "realized_vol_10", "momentum_10", "close_over_ma20_minus_1",
                  "position", "equity"]
-VOLUME_IDX, VOL_IDX, POSITION_IDX, EQUITY_IDX = 1, 3, 6, 7
+# Under --state-norm (unless --no-stationary) the two levels become relative quantities first.
+STATIONARY_FEATURE_NAMES = ["log_close_over_max20", *FEATURE_NAMES[1:-1], "equity_drawdown"]
+CLOSE_IDX, VOLUME_IDX, VOL_IDX, POSITION_IDX, EQUITY_IDX = 0, 1, 3, 6, 7
 N_MARKET_FEATURES = 6
 
 
-def market_features(close: np.ndarray, volume: np.ndarray) -> np.ndarray:
-    """[n, 6] features; row t uses data up to t only (no look-ahead); rows < WARMUP are NaN."""
+def market_features(close: np.ndarray, volume: np.ndarray, stationary: bool = False) -> np.ndarray:
+    """[n, 6] features; row t uses data up to t only (no look-ahead); rows < WARMUP are NaN.
+
+    stationary: column 0 is log(C_t / max(C_{t-19..t})), the price against its trailing 20-step
+    high, instead of the close itself. A level trends out of any range fitted on the past (the
+    synthetic close ends x73 above its start; a stock over ten years does the same), so a
+    z-score fitted on the train split puts test prices at +10; a ratio of two prices means the
+    same in every year and is unchanged when the whole series is scaled by k.
+    """
     n = len(close)
     log_ret = np.full(n, np.nan)
     log_ret[1:] = np.diff(np.log(close))
     feats = np.full((n, N_MARKET_FEATURES), np.nan)
     feats[:, 0], feats[:, 1], feats[:, 2] = close, volume, log_ret
     for t in range(WARMUP, n):
+        window = close[t - 19: t + 1]
         feats[t, 3] = np.std(log_ret[t - 9: t + 1])  # realized vol of the last 10 returns
         feats[t, 4] = math.log(close[t] / close[t - 10])  # 10-step momentum
-        feats[t, 5] = close[t] / close[t - 19: t + 1].mean() - 1.0  # distance from MA20
+        feats[t, 5] = close[t] / window.mean() - 1.0  # distance from MA20
+        if stationary:
+            feats[t, 0] = math.log(close[t] / window.max())
+    if stationary:
+        feats[:WARMUP, 0] = np.nan
     return feats
+
+
+def feature_transforms(args: Args) -> list[str]:
+    """What the networks see of each feature, in order (named in state_scale_summary.json)."""
+    if not args.state_norm:
+        return ["raw"] * len(FEATURE_NAMES)
+    scale = "robust (x - median)/IQR" if args.state_norm_kind == "robust" else "zscore (x - mean)/std"
+    steps = ["", "log1p, " if args.log_volume else "", "", "", "", "", "", ""]
+    if args.stationary:
+        steps[CLOSE_IDX] = "log(close_t / max(close_t-19..t)), "
+        steps[EQUITY_IDX] = "equity_t / running peak of the episode - 1, "
+    return [f"{step}{scale}, clip +-10" for step in steps]
+
+
+def observation_names(args: Args) -> list[str]:
+    return STATIONARY_FEATURE_NAMES if args.state_norm and args.stationary else FEATURE_NAMES
 
 
 # ENVIRONMENT ------------------------------------------------------------------------------------
@@ -327,13 +384,18 @@ class TradingEnv(gym.Env):
     Equity moves by the first two terms (the risk term is a preference, not a cash flow).
     Training episodes are random windows of `episode_length` steps (truncated at the end);
     evaluation runs a whole split from flat. Terminated only on ruin (equity <= 10% of start).
+
+    relative_equity: the last observation is equity / its running peak in the episode - 1 (the
+    drawdown, in (-1, 0]) instead of the equity in currency. Equity grows with the episode's
+    length (a 1500-step evaluation ends far above anything a 256-step training window saw);
+    its drawdown from the peak means the same in any window and for any starting capital.
     """
 
     metadata = {"render_modes": []}
 
     def __init__(self, close: np.ndarray, features: np.ndarray, start: int, end: int, episode_length: Optional[int],
                  cost: float = 0.001, risk_penalty: float = 10.0, reward_scale: float = 100.0,
-                 initial_equity: float = 1e5):
+                 initial_equity: float = 1e5, relative_equity: bool = False):
         super().__init__()
         if end - start < 2:
             raise ValueError(f"split [{start}, {end}) is too short for one step")
@@ -341,14 +403,16 @@ class TradingEnv(gym.Env):
         self.start, self.end = start, end  # steps t in [start, end - 1): C_{t+1} stays inside
         self.episode_length = episode_length  # None: the whole split, from its start
         self.cost, self.risk_penalty, self.reward_scale = cost, risk_penalty, reward_scale
-        self.initial_equity = initial_equity
+        self.initial_equity, self.relative_equity = initial_equity, relative_equity
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (len(FEATURE_NAMES),), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.t = self.t_end = start
         self.position, self.equity = 0.0, initial_equity
+        self.peak_equity = initial_equity
 
     def _obs(self) -> np.ndarray:
-        return np.concatenate([self.features[self.t], [self.position, self.equity]]).astype(np.float32)
+        equity = self.equity / self.peak_equity - 1.0 if self.relative_equity else self.equity
+        return np.concatenate([self.features[self.t], [self.position, equity]]).astype(np.float32)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -364,6 +428,7 @@ class TradingEnv(gym.Env):
             self.t = int(self.np_random.integers(self.start, last_step - self.episode_length + 1))
             self.t_end = self.t + self.episode_length
         self.position, self.equity = 0.0, self.initial_equity
+        self.peak_equity = self.initial_equity
         return self._obs(), {}
 
     def step(self, action):
@@ -374,6 +439,7 @@ class TradingEnv(gym.Env):
         pnl = p * asset_return - self.cost * traded
         reward = self.reward_scale * (pnl - self.risk_penalty * p * p * sigma * sigma)
         self.equity *= 1.0 + pnl
+        self.peak_equity = max(self.peak_equity, self.equity)
         self.position = p
         self.t += 1
         terminated = self.equity <= 0.1 * self.initial_equity
@@ -509,7 +575,12 @@ class StateNormalizer:
 
     def state_dict(self) -> dict:
         return {"center": self.center, "scale": self.scale, "log_volume": self.log_volume, "kind": self.kind,
-                "fit_count": self.fit_count}
+                "fit_count": self.fit_count, "clip": self.clip}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "StateNormalizer":
+        return cls(np.asarray(state["center"]), np.asarray(state["scale"]), state["log_volume"], state["kind"],
+                   state["fit_count"], state["clip"])
 
 
 def reference_states(env: TradingEnv, seed: int) -> np.ndarray:
@@ -649,6 +720,17 @@ def soft_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], tau: 
     torch._foreach_lerp_(targets, sources, tau)
 
 
+def preactivation_penalty(args: Args) -> float:
+    """beta: as given, else 1e-3 under --state-norm and 0 on raw features (plain TD3: the freeze demo).
+
+    On raw features u is ~1e3-1e5, so even a small beta * u^2 has a gradient large enough to
+    flip the sign of a saturated actor now and then: it would blur the demo of a frozen actor.
+    """
+    if args.preactivation_penalty is not None:
+        return args.preactivation_penalty
+    return 1e-3 if args.state_norm else 0.0
+
+
 class TD3:
     """One agent: actor, twin critic, targets, optimizers, its own random generator.
 
@@ -663,8 +745,8 @@ class TD3:
         low, high = np.array([-1.0], np.float32), np.array([1.0], np.float32)
         self.args, self.device, self.normalizer = args, device, normalizer
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.actor = Actor(obs_dim, low, high).to(device)
-        self.qf = TwinQ(obs_dim, 1).to(device)
+        self.actor = Actor(obs_dim, low, high, args.hidden_size).to(device)
+        self.qf = TwinQ(obs_dim, 1, args.hidden_size).to(device)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.qf_target = copy.deepcopy(self.qf).requires_grad_(False)
         self.action_low = torch.as_tensor(low, device=device)
@@ -672,6 +754,7 @@ class TD3:
         self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=args.learning_rate, fused=True)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=True)
         self.n_updates = 0
+        self.preactivation_penalty = preactivation_penalty(args)
         self._sources = list(self.actor.parameters()) + list(self.qf.parameters())
         self._targets = list(self.actor_target.parameters()) + list(self.qf_target.parameters())
         self._actor_params = list(self.actor.parameters())
@@ -715,7 +798,11 @@ class TD3:
         self.n_updates += 1
         metrics = {"qf_losses": qf_losses.detach(), "q_means": q.detach().mean(dim=1), "rewards": rewards}
         if self.n_updates % self.args.policy_frequency == 0:  # delayed policy updates
-            actor_loss = -self.qf.q1(obs, self.actor(obs)).mean()
+            pre = self.actor.pre_activation(obs)
+            actions_pi = torch.tanh(pre) * self.actor.action_scale + self.actor.action_bias
+            # -Q1(s, pi(s)), plus the pre-activation penalty: at the bound kappa ~ 0 and the critic's
+            # gradient no longer reaches the actor; beta * u^2 pulls it back, and inside it is tiny.
+            actor_loss = -self.qf.q1(obs, actions_pi).mean() + self.preactivation_penalty * pre.square().mean()
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward(inputs=self._actor_params)
             self.actor_optimizer.step()
@@ -810,19 +897,40 @@ def evaluate(agent: TD3, env: TradingEnv, args: Args) -> dict:
     with torch.no_grad():
         q1 = agent.qf.q1(obs_t, agent.actor(obs_t)).cpu().numpy()
     return {"metrics": performance_metrics(np.array(returns), np.array(positions), args.periods_per_year),
-            "actions": np.array(actions), "positions": np.array(positions), "equity": np.array(equity),
+            "observations": np.asarray(observations), "actions": np.array(actions), "positions": np.array(positions), "equity": np.array(equity),
             "q1_mean": float(q1.mean()), "saturation": action_saturation_stats(np.array(actions))}
 
 
-def benchmark_metrics(close: np.ndarray, bounds: tuple, args: Args) -> dict:
-    """Buy-and-hold (one entry cost) and flat over the same steps as the agents' evaluation."""
+def position_returns(close: np.ndarray, positions: np.ndarray, bounds: tuple, cost: float) -> np.ndarray:
+    """Step returns of a fixed position schedule over a split, the agents' cost model: p_t earns
+    C_{t+1}/C_t - 1 and pays cost * |p_t - p_{t-1}|, starting flat."""
     start, end = bounds
     asset = close[start + 1: end] / close[start: end - 1] - 1.0
-    bh = asset.copy()
-    bh[0] -= args.cost_bp * 1e-4  # enter once from flat, then hold
-    return {"buy_and_hold": performance_metrics(bh, np.ones_like(bh), args.periods_per_year),
-            "flat": performance_metrics(np.zeros_like(asset), np.zeros_like(asset), args.periods_per_year),
-            "_buy_and_hold_equity": np.concatenate([[1.0], np.cumprod(1.0 + bh)])}
+    traded = np.abs(np.diff(np.concatenate([[0.0], positions])))
+    return positions * asset - cost * traded
+
+
+def volatility_filter_positions(realized_vol: np.ndarray, threshold: float) -> np.ndarray:
+    """The rule baseline: long (1) while the 10-step realized vol is below the threshold, else flat.
+
+    The threshold is the median realized vol of the train split: a bear regime is twice as
+    volatile, so low vol says "bull" without looking ahead.
+    """
+    return (realized_vol < threshold).astype(np.float64)
+
+
+def benchmark_metrics(close: np.ndarray, features: np.ndarray, bounds: tuple, vol_threshold: float,
+                      args: Args) -> dict:
+    """Buy-and-hold (one entry cost), flat and the volatility filter over the agents' evaluation steps."""
+    start, end = bounds
+    schedules = {"buy_and_hold": np.ones(end - start - 1), "flat": np.zeros(end - start - 1),
+                 "vol_filter": volatility_filter_positions(features[start: end - 1, VOL_IDX], vol_threshold)}
+    out = {"metrics": {}, "equity": {}}
+    for name, positions in schedules.items():
+        returns = position_returns(close, positions, bounds, args.cost_bp * 1e-4)
+        out["metrics"][name] = performance_metrics(returns, positions, args.periods_per_year)
+        out["equity"][name] = np.concatenate([[1.0], np.cumprod(1.0 + returns)])
+    return out
 
 
 # FILES AND PLOTS --------------------------------------------------------------------------------
@@ -841,11 +949,13 @@ def save_figure(fig, path: str) -> None:
     os.replace(tmp, path)
 
 
-def plot_equity(test_results: dict, bh_equity: np.ndarray, initial_equity: float, path: str) -> None:
+def plot_equity(results: dict, benchmarks: dict, initial_equity: float, split: str, path: str) -> None:
     fig, (ax, ax_pos) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    steps = np.arange(len(bh_equity))
-    ax.plot(steps, bh_equity * initial_equity, color="grey", lw=1.2, label="buy and hold")
-    for name, res in test_results.items():
+    steps = np.arange(len(benchmarks["buy_and_hold"]))
+    styles = {"buy_and_hold": ("grey", "-"), "vol_filter": ("black", ":"), "flat": ("silver", "--")}
+    for name, (color, style) in styles.items():
+        ax.plot(steps, benchmarks[name] * initial_equity, color=color, ls=style, lw=1.2, label=name.replace("_", " "))
+    for name, res in results.items():
         line, = ax.plot(steps[: len(res["equity"])], res["equity"], lw=1.2,
                         label=f"{name} (Sharpe {res['metrics']['sharpe']:.2f})")
         ax_pos.plot(steps[1: len(res["positions"]) + 1], res["positions"], lw=0.9, color=line.get_color(), label=name)
@@ -853,10 +963,10 @@ def plot_equity(test_results: dict, bh_equity: np.ndarray, initial_equity: float
         if len(near):
             ax_pos.scatter(near + 1, res["positions"][near], s=6, color="#d62728", zorder=3)
     ax.set_ylabel("equity")
-    ax.set_title("test split: equity vs buy and hold")
+    ax.set_title(f"{split} split: agents against buy and hold, the volatility filter and flat")
     ax.legend()
     ax_pos.set_ylabel("position p_t")
-    ax_pos.set_xlabel("test step (red dots: raw actor output at the bound, |a| ≥ 0.999)")
+    ax_pos.set_xlabel(f"{split} step (red dots: raw actor output at the bound, |a| ≥ 0.999)")
     ax_pos.set_ylim(-1.08, 1.08)
     save_figure(fig, path)
 
@@ -878,15 +988,141 @@ def plot_saturation(test_results: dict, path: str) -> None:
 
 
 # TRAINING ---------------------------------------------------------------------------------------
-def make_env(market: Market, features: np.ndarray, bounds: tuple, args: Args, training: bool) -> TradingEnv:
-    return TradingEnv(market.close, features, *bounds, episode_length=args.episode_length if training else None,
+@dataclass
+class MarketData:
+    """The market in the run's observation layout, and what is fitted on its train split."""
+
+    close: np.ndarray
+    features: np.ndarray  # market_features() in the run's layout (raw or stationary)
+    splits: dict  # name -> [start, end)
+    vol_threshold: float  # the rule baseline's threshold: median realized vol of the train split
+    source: str  # for the run name: the CSV's file name or synthetic{market_seed}
+
+
+def load_market(args: Args) -> tuple[Market, str]:
+    if args.data_csv:
+        return load_csv(args.data_csv), os.path.basename(args.data_csv)
+    return synthetic_market(args.market_steps, args.market_seed), f"synthetic{args.market_seed}"
+
+
+def prepare_data(args: Args, market: Market, source: str) -> MarketData:
+    features = market_features(market.close, market.volume, stationary=args.state_norm and args.stationary)
+    splits = split_bounds(len(market.close), args.train_frac, args.val_frac)
+    for split, (lo, hi) in splits.items():
+        if hi - lo < 2 * max(args.episode_length // 4, 10):
+            raise UserError(f"the {split} split has {hi - lo} steps; use more data or change --train-frac/--val-frac")
+    lo, hi = splits["train"]
+    return MarketData(market.close, features, splits, float(np.median(features[lo:hi, VOL_IDX])), source)
+
+
+def make_env(data: MarketData, bounds: tuple, args: Args, training: bool) -> TradingEnv:
+    return TradingEnv(data.close, data.features, *bounds, episode_length=args.episode_length if training else None,
                       cost=args.cost_bp * 1e-4, risk_penalty=args.risk_penalty, reward_scale=args.reward_scale,
-                      initial_equity=args.initial_equity)
+                      initial_equity=args.initial_equity, relative_equity=args.state_norm and args.stationary)
 
 
-def train_agent(name: str, args: Args, market: Market, features: np.ndarray, splits: dict,
-                normalizer: Optional[StateNormalizer], device: torch.device, run_dir: str,
-                intrinsic: Optional[IntrinsicReward] = None) -> dict:
+class TrainingLog:
+    """One agent's plumbing: TensorBoard, the learning-phase clock, validation history, progress lines."""
+
+    def __init__(self, name: str, args: Args, run_dir: str):
+        self.name, self.args = name, args
+        self.writer = SummaryWriter(os.path.join(run_dir, name))
+        self.writer.add_text("hyperparameters",
+                             "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        self.ep_return, self.ep_length, self.history = 0.0, 0, []
+        self.learn_seconds, self.learn_steps = 0.0, 0
+        self.start = self.last_print = time.time()
+        self.clock = time.perf_counter()
+
+    def env_step(self, reward: float, done: bool, step: int) -> None:
+        self.ep_return += reward
+        self.ep_length += 1
+        if done:
+            self.writer.add_scalar("charts/episodic_return", self.ep_return, step)
+            self.writer.add_scalar("charts/episodic_length", self.ep_length, step)
+            self.ep_return, self.ep_length = 0.0, 0
+
+    def update(self, metrics: dict, agent: "TD3", intrinsic: Optional[IntrinsicReward], step: int) -> None:
+        if agent.n_updates % LOG_EVERY_UPDATES:
+            return  # reading a tensor back (.item()) waits for it: only every LOG_EVERY_UPDATES updates
+        for i in (0, 1):
+            self.writer.add_scalar(f"losses/qf{i + 1}_values", metrics["q_means"][i].item(), step)
+            self.writer.add_scalar(f"losses/qf{i + 1}_loss", metrics["qf_losses"][i].item(), step)
+        self.writer.add_scalar("losses/qf_loss", metrics["qf_losses"].mean().item(), step)
+        if "actor_loss" in metrics:
+            self.writer.add_scalar("losses/actor_loss", metrics["actor_loss"].item(), step)
+        self.writer.add_scalar("charts/SPS", int(self.sps), step)
+        if intrinsic is not None:
+            self.writer.add_scalar("charts/intrinsic_mean_delta", intrinsic.mean_delta(), step)
+
+    def evaluation(self, result: dict, intrinsic: Optional[IntrinsicReward], step: int) -> dict:
+        entry = {"global_step": step, **result["saturation"], "val_sharpe": result["metrics"]["sharpe"],
+                 "val_total_return": result["metrics"]["total_return"], "q1_mean": result["q1_mean"]}
+        if intrinsic is not None:
+            entry["intrinsic_mean_delta"] = intrinsic.mean_delta()
+        self.history.append(entry)
+        self.writer.add_scalar("eval/sharpe", entry["val_sharpe"], step)
+        self.writer.add_scalar("eval/total_return", entry["val_total_return"], step)
+        for key in ("near_bound_ratio", "kappa_mean"):
+            self.writer.add_scalar(f"audit/{key}", entry[key], step)
+        self.progress(step, force=True)
+        return entry
+
+    def end_step(self, step: int, learning: bool) -> None:
+        """Close the step on the learning-phase clock (evaluation excluded) and print progress now and then."""
+        now = time.perf_counter()
+        if learning:
+            self.learn_seconds += now - self.clock
+            self.learn_steps += 1
+        self.clock = now
+        self.progress(step)
+
+    @property
+    def sps(self) -> float:
+        return self.learn_steps / self.learn_seconds if self.learn_seconds else 0.0
+
+    def progress(self, step: int, force: bool = False) -> None:
+        if not force and time.time() - self.last_print <= PROGRESS_EVERY_SECONDS:
+            return
+        last = self.history[-1] if self.history else None
+        if self.learn_seconds > 0:
+            eta = (self.args.total_timesteps - step) / self.sps
+            rate, eta_text = f"learning SPS {self.sps:.0f}", f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        else:  # uniform-random phase: no update timed yet, so no honest ETA
+            rate, eta_text = f"random-phase SPS {step / (time.time() - self.start):.0f}", "? (learning not started)"
+        print(f"[{self.name}] step {step}/{self.args.total_timesteps} | {rate} | val Sharpe "
+              f"{last['val_sharpe']:.2f} | near-bound {last['near_bound_ratio']:.3f} | ETA {eta_text}"
+              if last else f"[{self.name}] step {step}/{self.args.total_timesteps} | {rate} | ETA {eta_text}",
+              flush=True)
+        self.last_print = time.time()
+        self.clock = time.perf_counter()  # the time spent evaluating and printing is not learning time
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class BestCheckpoint:
+    """Early stopping on the validation split: the actor and critic with the best validation Sharpe.
+
+    The reward's noise is 10x its action-dependent drift, so a critic trained long enough fits
+    the noise of the 7000 train steps; validation Sharpe says when that starts.
+    """
+
+    def __init__(self):
+        self.sharpe, self.step, self.state = -math.inf, 0, None
+
+    def offer(self, sharpe: float, agent: "TD3", step: int) -> None:
+        if sharpe > self.sharpe:  # ties keep the earlier checkpoint
+            self.sharpe, self.step = sharpe, step
+            self.state = copy.deepcopy({"actor": agent.actor.state_dict(), "qf": agent.qf.state_dict()})
+
+    def restore(self, agent: "TD3") -> None:
+        agent.actor.load_state_dict(self.state["actor"])
+        agent.qf.load_state_dict(self.state["qf"])
+
+
+def train_agent(name: str, args: Args, data: MarketData, normalizer: Optional[StateNormalizer],
+                device: torch.device, run_dir: str, intrinsic: Optional[IntrinsicReward] = None) -> dict:
     """Train one agent on the train split; evaluate on the validation split every eval_frequency steps.
 
     Every agent of a run starts from the same seeds (weights, noise, replay indices, episode
@@ -897,72 +1133,31 @@ def train_agent(name: str, args: Args, market: Market, features: np.ndarray, spl
     obs_dim = len(FEATURE_NAMES)
     agent = TD3(obs_dim, args, device, normalizer, args.seed)
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, 1, device)
-    env = make_env(market, features, splits["train"], args, training=True)
-    val_env = make_env(market, features, splits["val"], args, training=False)
+    env = make_env(data, data.splits["train"], args, training=True)
+    val_env = make_env(data, data.splits["val"], args, training=False)
     env.action_space.seed(args.seed)
-    writer = SummaryWriter(os.path.join(run_dir, name))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    log, best, val_results = TrainingLog(name, args, run_dir), BestCheckpoint(), []
     obs, _ = env.reset(seed=args.seed)
-    ep_return, ep_length, history, val_results = 0.0, 0, [], []
-    learn_seconds, learn_steps, start, last_print = 0.0, 0, time.time(), time.time()
     for global_step in range(1, args.total_timesteps + 1):
         learning = global_step > args.learning_starts
-        tick = time.perf_counter()
+        # ALGO LOGIC: act (uniform random, then pi(s) + exploration noise), step, store r_env
         action = agent.explore(obs[None])[0] if learning else env.action_space.sample()
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        rb.add(obs, next_obs, action, reward, terminated)  # r_env is stored; r_tot is made per batch
-        ep_return += reward
-        ep_length += 1
-        if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", ep_return, global_step)
-            writer.add_scalar("charts/episodic_length", ep_length, global_step)
-            obs, _ = env.reset()
-            ep_return, ep_length = 0.0, 0
-        else:
-            obs = next_obs
+        rb.add(obs, next_obs, action, reward, terminated)
+        log.env_step(reward, terminated or truncated, global_step)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+        # ALGO LOGIC: one TD3 update per env step; r_tot = r_env + w * r_int is made per sampled batch
         if learning:
-            metrics = agent.update(rb.sample(args.batch_size, agent.generator), intrinsic)
-            learn_seconds += time.perf_counter() - tick
-            learn_steps += 1
-            if agent.n_updates % LOG_EVERY_UPDATES == 0:
-                writer.add_scalar("losses/qf1_values", metrics["q_means"][0].item(), global_step)
-                writer.add_scalar("losses/qf2_values", metrics["q_means"][1].item(), global_step)
-                writer.add_scalar("losses/qf1_loss", metrics["qf_losses"][0].item(), global_step)
-                writer.add_scalar("losses/qf2_loss", metrics["qf_losses"][1].item(), global_step)
-                writer.add_scalar("losses/qf_loss", metrics["qf_losses"].mean().item(), global_step)
-                if "actor_loss" in metrics:
-                    writer.add_scalar("losses/actor_loss", metrics["actor_loss"].item(), global_step)
-                writer.add_scalar("charts/SPS", int(learn_steps / max(learn_seconds, 1e-9)), global_step)
-                if intrinsic is not None:
-                    writer.add_scalar("charts/intrinsic_mean_delta", intrinsic.mean_delta(), global_step)
-        evaluate_now = global_step % args.eval_frequency == 0 or global_step == args.total_timesteps
-        if evaluate_now:
-            result = evaluate(agent, val_env, args)
-            entry = {"global_step": global_step, **result["saturation"], "val_sharpe": result["metrics"]["sharpe"],
-                     "val_total_return": result["metrics"]["total_return"], "q1_mean": result["q1_mean"]}
-            if intrinsic is not None:
-                entry["intrinsic_mean_delta"] = intrinsic.mean_delta()
-            history.append(entry)
-            val_results.append(result)
-            writer.add_scalar("eval/sharpe", entry["val_sharpe"], global_step)
-            writer.add_scalar("eval/total_return", entry["val_total_return"], global_step)
-            for key in ("near_bound_ratio", "kappa_mean"):
-                writer.add_scalar(f"audit/{key}", entry[key], global_step)
-        if evaluate_now or time.time() - last_print > PROGRESS_EVERY_SECONDS:
-            last = f"{history[-1]['val_sharpe']:.2f}" if history else "-"
-            near = f"{history[-1]['near_bound_ratio']:.3f}" if history else "-"
-            if learn_seconds > 0:
-                sps = learn_steps / learn_seconds
-                eta = (args.total_timesteps - global_step) / sps
-                rate, eta_text = f"learning SPS {sps:.0f}", f"{int(eta // 60)}m{int(eta % 60):02d}s"
-            else:  # uniform-random phase: no update timed yet, so no honest ETA
-                rate, eta_text = f"random-phase SPS {global_step / (time.time() - start):.0f}", "? (learning not started)"
-            print(f"[{name}] step {global_step}/{args.total_timesteps} | {rate} | val Sharpe {last} | "
-                  f"near-bound {near} | ETA {eta_text}", flush=True)
-            last_print = time.time()
-    writer.close()
-    return {"agent": agent, "history": history, "val_results": val_results, "intrinsic": intrinsic,
-            "sps_learning_phase": learn_steps / learn_seconds if learn_seconds else 0.0, "wall_time_s": time.time() - start}
+            log.update(agent.update(rb.sample(args.batch_size, agent.generator), intrinsic), agent, intrinsic,
+                       global_step)
+        if global_step % args.eval_frequency == 0 or global_step == args.total_timesteps:
+            val_results.append(evaluate(agent, val_env, args))
+            entry = log.evaluation(val_results[-1], intrinsic, global_step)
+            best.offer(entry["val_sharpe"], agent, global_step)
+        log.end_step(global_step, learning)
+    log.close()
+    return {"agent": agent, "best": best, "history": log.history, "val_results": val_results, "intrinsic": intrinsic,
+            "sps_learning_phase": log.sps, "wall_time_s": time.time() - log.start}
 
 
 def agent_names(args: Args) -> list[str]:
@@ -981,8 +1176,8 @@ def paired_metrics(base: dict, intr: dict) -> dict:
             "q1_delta_mean": intr["q1_mean"] - base["q1_mean"]}
 
 
-def diagnose(paired: dict, near_bound: float, initial_equity: float) -> dict:
-    """R1-R4 of SPEC 3.6, plus what to change."""
+def diagnose(paired: dict, near_bound: float, initial_equity: float, shift: Optional[str] = None) -> dict:
+    """R1-R4 of SPEC 3.6, plus what to change (a distribution shift, when found, comes first)."""
     moved = abs(paired["intrinsic_mean_delta"]) > 1e-9
     frozen = paired["action_equal_ratio"] >= 0.999
     same_value = paired["eval_value_mae"] <= 1e-6 * initial_equity
@@ -1005,111 +1200,283 @@ def diagnose(paired: dict, near_bound: float, initial_equity: float) -> dict:
         advice = "nothing to audit: raise --intrinsic-coef or pick --intrinsic-kind rnd/sa-rnd"
     else:
         advice = "the intrinsic reward changes the policy: judge it by the test Sharpe and drawdown of both agents"
-    return {"code": code, "text": text, "advice": advice}
+    return {"code": code, "text": text, "advice": f"{shift}; then: {advice}" if shift else advice}
+
+
+# SHIFT AUDIT: do the evaluation states stay inside the range the normalizer was fitted on? -------
+SHIFT_CLIP_RATIO = 0.01  # a feature at the +-clip on >= 1% of steps has left the fitted range
+SHIFT_NEAR_BOUND = 0.5  # ... or the actor at its bound on half the steps
+
+
+def network_inputs(observations: np.ndarray, normalizer: Optional[StateNormalizer]) -> np.ndarray:
+    """What the networks see of raw observations: normalized and clipped, or raw without --state-norm."""
+    if normalizer is None:
+        return np.asarray(observations, dtype=np.float64)
+    return normalizer(torch.as_tensor(np.asarray(observations), dtype=torch.float32)).double().numpy()
+
+
+def shift_stats(inputs: np.ndarray, fit_low: np.ndarray, fit_high: np.ndarray, clip: Optional[float],
+                names: list[str]) -> dict:
+    """scale_stats of evaluation inputs, plus per feature the share at +-clip and outside the fit range."""
+    stats = scale_stats(inputs, names)
+    for d in stats["per_dim"]:
+        x = inputs[:, d["idx"]]
+        d["clip_ratio"] = None if clip is None else float(np.mean(np.abs(x) >= clip * (1 - 1e-6)))
+        margin = 1e-3 * (fit_high[d["idx"]] - fit_low[d["idx"]])  # a position of exactly +-1 is not "outside"
+        d["outside_fit_range"] = float(np.mean((x < fit_low[d["idx"]] - margin) | (x > fit_high[d["idx"]] + margin)))
+    stats["clip_ratio_max"] = None if clip is None else max(d["clip_ratio"] for d in stats["per_dim"])
+    stats["outside_fit_range_max"] = max(d["outside_fit_range"] for d in stats["per_dim"])
+    return stats
+
+
+def distribution_shift(shift: dict, saturation: dict) -> Optional[str]:
+    """Names a shift when an input or the actor is fine on validation but not on test.
+
+    Per feature: at the +-clip on >= 1% of test steps and on under a fifth of that share on
+    validation (a trending level does this; another feature's rare clip on validation does not hide it).
+    The actor: at its bound on >= 50% of test steps, under 50% on validation.
+    """
+    for name, splits in shift.items():
+        if "val" not in splits or "test" not in splits:
+            continue
+        val_near, test_near = saturation[name]["val"]["near_bound_ratio"], saturation[name]["test"]["near_bound_ratio"]
+        shifted = [(test["clip_ratio"], val["clip_ratio"], test["name"])
+                   for val, test in zip(splits["val"]["per_dim"], splits["test"]["per_dim"])
+                   if test["clip_ratio"] is not None and test["clip_ratio"] >= SHIFT_CLIP_RATIO
+                   and val["clip_ratio"] < test["clip_ratio"] / 5]
+        actor_shifted = test_near >= SHIFT_NEAR_BOUND > val_near
+        if not shifted and not actor_shifted:
+            continue
+        parts = [f"'{feature}' is at the clip on {test_share:.0%} of test steps (validation {val_share:.0%})"
+                 for test_share, val_share, feature in sorted(shifted, reverse=True)]
+        parts.append(f"the actor is at its bound on {test_near:.0%} of test steps (validation {val_near:.0%})")
+        return (f"distribution shift ({name}): " + ", ".join(parts) + ": an input left the range fitted on the "
+                "train split; make levels relative (drop --no-stationary) rather than retuning the agent")
+    return None
+
+
+# REPORT: the files and the table, after training or for --eval-only ------------------------------
+def evaluation_report(args: Args, run_dir: str, data: MarketData, agents: dict, normalizer: Optional[StateNormalizer],
+                      fit_range: tuple, splits: list[str]) -> dict:
+    """Evaluate every agent on each split; eval_{split}.json, the plots of the last split, the shift audit."""
+    names = observation_names(args)
+    results = {split: {name: evaluate(agent, make_env(data, data.splits[split], args, training=False), args)
+                       for name, agent in agents.items()} for split in splits}
+    main_split = splits[-1]
+    bench = benchmark_metrics(data.close, data.features, data.splits[main_split], data.vol_threshold, args)
+    eval_json = {"split": main_split, "steps": data.splits[main_split][1] - data.splits[main_split][0] - 1,
+                 "agents": {name: res["metrics"] for name, res in results[main_split].items()},
+                 **bench["metrics"], "vol_filter_threshold": data.vol_threshold}
+    write_json_atomic(os.path.join(run_dir, f"eval_{main_split}.json"), eval_json)
+    plot_equity(results[main_split], bench["equity"], args.initial_equity, main_split,
+                os.path.join(run_dir, "eval_equity.png"))
+    plot_saturation(results[main_split], os.path.join(run_dir, "action_saturation.png"))
+    clip = normalizer.clip if normalizer else None
+    shift = {name: {split: shift_stats(network_inputs(results[split][name]["observations"], normalizer),
+                                       *fit_range, clip, names) for split in splits} for name in agents}
+    saturation = {name: {split: results[split][name]["saturation"] for split in splits} for name in agents}
+    return {"results": results, "eval": eval_json, "shift": shift, "saturation": saturation,
+            "distribution_shift": distribution_shift(shift, saturation)}
+
+
+def write_scale_summary(path: str, args: Args, ref: np.ndarray, normalizer: Optional[StateNormalizer],
+                        shift: Optional[dict] = None) -> None:
+    names = observation_names(args)
+    pre = scale_stats(ref, names)
+    post = scale_stats(network_inputs(ref, normalizer), names)
+    summary = {"mode": args.state_norm_kind if args.state_norm else "none",
+               "log_volume": bool(args.state_norm and args.log_volume),
+               "stationary": bool(args.state_norm and args.stationary), "feature_names": names,
+               "feature_transforms": dict(zip(names, feature_transforms(args))), "fit_sample_count": len(ref),
+               "pre_stats": pre, "post_stats": post,
+               "p99_abs_spread": {"pre": p99_abs_spread(pre), "post": p99_abs_spread(post)}}
+    if shift is not None:
+        summary["shift"] = {"clip": normalizer.clip if normalizer else None,
+                            "clip_ratio_threshold": SHIFT_CLIP_RATIO, "near_bound_threshold": SHIFT_NEAR_BOUND,
+                            "agents": shift["shift"], "distribution_shift": shift["distribution_shift"]}
+    write_json_atomic(path, summary)
+
+
+def save_model(path: str, args: Args, data: MarketData, agents: dict, fit_range: tuple) -> None:
+    torch.save({"format": MODEL_FORMAT, "args": asdict(args), "feature_names": observation_names(args),
+                "vol_filter_threshold": data.vol_threshold, "fit_range": [r.tolist() for r in fit_range],
+                "agents": {name: agent.state_dict() for name, agent in agents.items()}}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)  # never a half-written model
 
 
 def main(args: Args) -> dict:
-    """Fit the normalizer, train every agent, evaluate on the test split, write the audit files."""
+    """Fit the normalizer, train every agent, keep each one's best validation checkpoint, test, audit."""
     validate_args(args)
     start = time.time()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    market = load_csv(args.data_csv) if args.data_csv else synthetic_market(args.market_steps, args.market_seed)
-    features = market_features(market.close, market.volume)
-    splits = split_bounds(len(market.close), args.train_frac, args.val_frac)
-    for split, (lo, hi) in splits.items():
-        if hi - lo < 2 * max(args.episode_length // 4, 10):
-            raise UserError(f"the {split} split has {hi - lo} steps; use more data or change --train-frac/--val-frac")
-
-    # Reference states for the scale audit (and the normalizer): one random-action rollout.
-    ref = reference_states(make_env(market, features, splits["train"], args, training=False), args.seed)
+    device = setup_torch(args)
+    if args.eval_only:
+        return evaluate_checkpoint(args, device)
+    data = prepare_data(args, *load_market(args))
+    # --state-norm: fitted once on a random-action rollout over the train split, then frozen.
+    ref = reference_states(make_env(data, data.splits["train"], args, training=False), args.seed)
     normalizer = StateNormalizer.fit(ref, args.state_norm_kind, args.log_volume) if args.state_norm else None
-    source = os.path.basename(args.data_csv) if args.data_csv else f"synthetic{args.market_seed}"
-    run_name = f"{source}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    pre = scale_stats(ref, FEATURE_NAMES)
-    post = scale_stats(normalizer(torch.as_tensor(ref, dtype=torch.float32)).numpy() if normalizer else ref, FEATURE_NAMES)
-    write_json_atomic(os.path.join(run_dir, "state_scale_summary.json"), {
-        "mode": args.state_norm_kind if args.state_norm else "none", "log_volume": bool(args.state_norm and args.log_volume),
-        "feature_names": FEATURE_NAMES, "fit_sample_count": len(ref), "pre_stats": pre, "post_stats": post,
-        "p99_abs_spread": {"pre": p99_abs_spread(pre), "post": p99_abs_spread(post)}})
+    run_dir = make_run_dir(args, data.source, "")
+    write_scale_summary(os.path.join(run_dir, "state_scale_summary.json"), args, ref, normalizer)
 
     trained = {}
-    for name in agent_names(args):
+    for name in agent_names(args):  # the baseline (w = 0) and the intrinsic agent, on identical seeds
         intrinsic = None
         if name == "intrinsic":
             intrinsic = IntrinsicReward(RND(args.intrinsic_kind, len(FEATURE_NAMES), device, args.seed),
                                         args.intrinsic_coef, device)
-        trained[name] = train_agent(name, args, market, features, splits, normalizer, device, run_dir, intrinsic)
-
-    test_env = make_env(market, features, splits["test"], args, training=False)
-    test = {name: evaluate(t["agent"], test_env, args) for name, t in trained.items()}
-    bench = benchmark_metrics(market.close, splits["test"], args)
-    eval_test = {"split": "test", "steps": splits["test"][1] - splits["test"][0] - 1,
-                 "agents": {name: res["metrics"] for name, res in test.items()},
-                 "buy_and_hold": bench["buy_and_hold"], "flat": bench["flat"]}
-    write_json_atomic(os.path.join(run_dir, "eval_test.json"), eval_test)
+        trained[name] = train_agent(name, args, data, normalizer, device, run_dir, intrinsic)
+    agents = {name: t["agent"] for name, t in trained.items()}
+    # The paired audit asks what training with r_int did to the policy: the final agents, on test.
+    test_env = make_env(data, data.splits["test"], args, training=False)
+    final_test = {name: evaluate(agent, test_env, args) for name, agent in agents.items()}
+    selected_step = {name: args.total_timesteps for name in trained}
+    if args.keep_best:  # the performance table asks how good the kept agent is: best validation Sharpe
+        for name, t in trained.items():
+            t["best"].restore(t["agent"])
+            selected_step[name] = t["best"].step
+    inputs = network_inputs(ref, normalizer)  # the range the networks saw fitted: the shift audit's yardstick
+    fit_range = (inputs.min(axis=0), inputs.max(axis=0))
+    report = evaluation_report(args, run_dir, data, agents, normalizer, fit_range, ["val", "test"])
+    write_scale_summary(os.path.join(run_dir, "state_scale_summary.json"), args, ref, normalizer, report)
     # summary/history: the eval trajectory during training (validation split), summary = last eval;
-    # test: the same statistics on the test split at the end.
+    # selected: the checkpoint kept (best validation Sharpe); test: the same statistics on the test split.
     saturation = {"near_bound_threshold": NEAR_BOUND, "collapse_threshold": COLLAPSE_RATIO,
                   "summary_split": "val", "history_split": "val", "test_split": "test",
-                  "agents": {name: {"summary": trained[name]["history"][-1], "history": trained[name]["history"],
-                                    "test": test[name]["saturation"]} for name in trained},
-                  "paired": None, "diagnosis": None}
+                  "agents": {name: {"summary": t["history"][-1], "history": t["history"],
+                                    "final_test": final_test[name]["saturation"], "selected_step": selected_step[name],
+                                    "selected_val": report["saturation"][name]["val"],
+                                    "test": report["saturation"][name]["test"]} for name, t in trained.items()},
+                  "paired": None, "diagnosis": None, "distribution_shift": report["distribution_shift"]}
     if "baseline" in trained and "intrinsic" in trained:
-        delta = trained["intrinsic"]["intrinsic"].mean_delta()
-        paired = {**paired_metrics(test["baseline"], test["intrinsic"]), "intrinsic_mean_delta": delta}
+        paired = {**paired_metrics(final_test["baseline"], final_test["intrinsic"]),
+                  "intrinsic_mean_delta": trained["intrinsic"]["intrinsic"].mean_delta()}
         per_eval = [{"global_step": h["global_step"], **paired_metrics(b, i), "intrinsic_mean_delta": h["intrinsic_mean_delta"]}
                     for b, i, h in zip(trained["baseline"]["val_results"], trained["intrinsic"]["val_results"],
                                        trained["intrinsic"]["history"])]
         for key in ("action_equal_ratio", "eval_value_mae", "intrinsic_mean_delta", "q1_delta_mean"):
             paired[f"{key}_mean"] = float(np.mean([row[key] for row in per_eval]))
         paired["history"] = per_eval
-        near = max(test[n]["saturation"]["near_bound_ratio"] for n in trained)
+        near = max(res["saturation"]["near_bound_ratio"] for res in final_test.values())
         saturation["paired"] = paired
-        saturation["diagnosis"] = diagnose(paired, near, args.initial_equity)
+        saturation["diagnosis"] = diagnose(paired, near, args.initial_equity, report["distribution_shift"])
     write_json_atomic(os.path.join(run_dir, "td3_action_saturation.json"), saturation)
-    plot_equity(test, bench["_buy_and_hold_equity"], args.initial_equity, os.path.join(run_dir, "eval_equity.png"))
-    plot_saturation(test, os.path.join(run_dir, "action_saturation.png"))
     if args.save_model:
-        model_path = os.path.join(run_dir, "model.pt")
-        torch.save({"args": asdict(args), "agents": {n: t["agent"].state_dict() for n, t in trained.items()}},
-                   f"{model_path}.tmp")
-        os.replace(f"{model_path}.tmp", model_path)  # never a half-written model
+        save_model(os.path.join(run_dir, "model.pt"), args, data, agents, fit_range)
 
     summary = {"run_dir": run_dir, "seed": args.seed, "state_norm": args.state_norm,
-               "total_timesteps": args.total_timesteps, "test": eval_test,
-               "saturation": {name: trained[name]["history"][-1] for name in trained},
-               "saturation_test": {name: test[name]["saturation"] for name in trained},
+               "stationary": args.state_norm and args.stationary, "total_timesteps": args.total_timesteps,
+               "test": report["eval"],
+               "val": {name: res["metrics"] for name, res in report["results"]["val"].items()},
+               "selected_step": selected_step,
+               "saturation": {name: t["history"][-1] for name, t in trained.items()},
+               "saturation_test": {name: res["saturation"] for name, res in report["results"]["test"].items()},
                "paired": None if saturation["paired"] is None else {k: v for k, v in saturation["paired"].items() if k != "history"},
-               "diagnosis": saturation["diagnosis"],
+               "diagnosis": saturation["diagnosis"], "distribution_shift": report["distribution_shift"],
                "sps_learning_phase": {name: round(t["sps_learning_phase"], 1) for name, t in trained.items()},
                "wall_time_s": round(time.time() - start, 2)}
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
-    print_table(eval_test, summary["saturation_test"], summary["paired"], summary["diagnosis"])
+    print_table(report["eval"], summary["saturation_test"], summary["selected_step"], summary["paired"],
+                summary["diagnosis"], summary["distribution_shift"])
     print(f"-> {run_dir} ({summary['wall_time_s']:.0f} s)")
     return summary
 
 
-def print_table(eval_test: dict, saturation: dict, paired: Optional[dict], diagnosis: Optional[dict]) -> None:
-    print(f"test split, {eval_test['steps']} steps")
+def setup_torch(args: Args) -> torch.device:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+
+def make_run_dir(args: Args, source: str, suffix: str) -> str:
+    run_dir = os.path.join(args.runs_dir, f"{source}__{args.exp_name}{suffix}__{args.seed}__{int(time.time())}")
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+# EVAL-ONLY: a saved agent on other data ----------------------------------------------------------
+MODEL_FORMAT = "td3_intrinsic_trading/2"  # bumped when the observation layout or the file's keys change
+
+
+def load_checkpoint(path: str) -> dict:
+    """model.pt written by --save-model; anything else is one clear UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"--checkpoint '{path}' does not exist (write one with --save-model)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated file, a zip of something else, ...
+        raise UserError(f"--checkpoint '{path}' is not a readable model.pt ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
+        found = ckpt.get("format", "no format tag") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"--checkpoint '{path}' is not a {MODEL_FORMAT} model ({found}); "
+                        "it comes from another script or an older feature layout: retrain with --save-model")
+    return ckpt
+
+
+def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
+    """--eval-only: every saved agent, with its saved normalizer, over a split or a whole file."""
+    ckpt = load_checkpoint(args.checkpoint)
+    saved = Args(**{k: v for k, v in ckpt["args"].items() if k in {f.name for f in dataclasses.fields(Args)}})
+    run_args = dataclasses.replace(saved, data_csv=args.data_csv or saved.data_csv, runs_dir=args.runs_dir,
+                                   eval_only=True, checkpoint=args.checkpoint, eval_split=args.eval_split)
+    if ckpt["feature_names"] != observation_names(run_args):
+        raise UserError(f"--checkpoint '{args.checkpoint}' was saved with features {ckpt['feature_names']}, "
+                        f"its settings build {observation_names(run_args)}: retrain with --save-model")
+    market, source = load_market(run_args)
+    if args.eval_split == "all":  # the whole file as one split: a model trained elsewhere, judged on new data
+        features = market_features(market.close, market.volume, stationary=run_args.state_norm and run_args.stationary)
+        data = MarketData(market.close, features, {"all": (WARMUP, len(market.close))}, 0.0, source)
+    else:
+        data = prepare_data(run_args, market, source)
+    data.vol_threshold = float(ckpt["vol_filter_threshold"])  # fitted on the training data's train split
+    agents, normalizer = {}, None
+    for name, state in ckpt["agents"].items():
+        normalizer = StateNormalizer.from_state_dict(state["normalizer"]) if state["normalizer"] else None
+        agent = TD3(len(FEATURE_NAMES), run_args, device, normalizer, run_args.seed)
+        agent.actor.load_state_dict(state["actor"])
+        agent.qf.load_state_dict(state["qf"])
+        agents[name] = agent
+    run_dir = make_run_dir(run_args, source, "__eval")
+    fit_range = tuple(np.asarray(r) for r in ckpt["fit_range"])
+    report = evaluation_report(run_args, run_dir, data, agents, normalizer, fit_range, [args.eval_split])
+    results = report["results"][args.eval_split]
+    paired = paired_metrics(results["baseline"], results["intrinsic"]) if {"baseline", "intrinsic"} <= set(agents) else None
+    write_json_atomic(os.path.join(run_dir, "td3_action_saturation.json"), {
+        "near_bound_threshold": NEAR_BOUND, "collapse_threshold": COLLAPSE_RATIO, "split": args.eval_split,
+        "agents": {name: {args.eval_split: sat[args.eval_split]} for name, sat in report["saturation"].items()},
+        "paired": paired})
+    write_json_atomic(os.path.join(run_dir, "shift_audit.json"), {"split": args.eval_split, "agents": report["shift"]})
+    summary = {"run_dir": run_dir, "checkpoint": args.checkpoint, "split": args.eval_split, "source": source,
+               args.eval_split: report["eval"], "saturation": {n: s[args.eval_split] for n, s in report["saturation"].items()},
+               "paired": paired}
+    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+    print_table(report["eval"], summary["saturation"], None, paired, None, None)
+    print(f"-> {run_dir}")
+    return summary
+
+
+def print_table(eval_json: dict, saturation: dict, selected_step: Optional[dict], paired: Optional[dict],
+                diagnosis: Optional[dict], shift: Optional[str]) -> None:
+    print(f"{eval_json['split']} split, {eval_json['steps']} steps"
+          + (f" (checkpoints kept at steps {selected_step} by validation Sharpe)" if selected_step else ""))
     print(f"{'agent':<14}{'Sharpe':>8}{'return':>9}{'max DD':>8}{'near-bound':>12}{'kappa':>8}")
-    for name, m in eval_test["agents"].items():
+    for name, m in eval_json["agents"].items():
         s = saturation[name]
         print(f"{name:<14}{m['sharpe']:8.2f}{m['total_return']:9.1%}{m['max_drawdown']:8.1%}"
               f"{s['near_bound_ratio']:12.3f}{s['kappa_mean']:8.3f}")
-    for name in ("buy_and_hold", "flat"):
-        m = eval_test[name]
-        print(f"{name:<14}{m['sharpe']:8.2f}{m['total_return']:9.1%}{m['max_drawdown']:8.1%}{'':>12}{'':>8}")
+    for name in ("buy_and_hold", "vol_filter", "flat"):
+        m = eval_json[name]
+        print(f"{name:<14}{m['sharpe']:8.2f}{m['total_return']:9.1%}{m['max_drawdown']:8.1%}")
     if paired is not None:
-        print(f"paired (test): action_equal_ratio {paired['action_equal_ratio']:.4f}, eval_value_mae "
-              f"{paired['eval_value_mae']:.2f}, intrinsic_mean_delta {paired['intrinsic_mean_delta']:.4g}, "
-              f"q1_delta_mean {paired['q1_delta_mean']:.4g}")
+        print(f"paired: action_equal_ratio {paired['action_equal_ratio']:.4f}, eval_value_mae "
+              f"{paired['eval_value_mae']:.2f}" + (f", intrinsic_mean_delta {paired['intrinsic_mean_delta']:.4g}"
+                                                  if "intrinsic_mean_delta" in paired else "")
+              + f", q1_delta_mean {paired['q1_delta_mean']:.4g}")
+    if diagnosis is not None:
         print(f"diagnosis {diagnosis['code']}: {diagnosis['text']}")
         print(f"advice: {diagnosis['advice']}")
+    elif shift:
+        print(f"advice: {shift}")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ SCRIPT = os.path.join(ROOT, "td3_intrinsic_trading.py")
 
 # --- environment and data -------------------------------------------------------------------------
 def test_env_passes_gymnasium_check_env():
-    market = tr.synthetic_market(2000, 0)
-    features = tr.market_features(market.close, market.volume)
-    env = tr.make_env(market, features, (tr.WARMUP, 1400), tr.Args(), training=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # check_env warns about unbounded Box limits; it must not raise
-        check_env(env, skip_render_check=True)
+    for args in (tr.Args(), tr.Args(state_norm=True)):  # raw and stationary layouts
+        data = tr.prepare_data(args, tr.synthetic_market(2000, 0), "synthetic0")
+        env = tr.make_env(data, data.splits["train"], args, training=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # check_env warns about unbounded Box limits; it must not raise
+            check_env(env, skip_render_check=True)
 
 
 def test_rewards_cost_and_risk_by_hand_on_5_steps():
@@ -65,19 +65,20 @@ def test_ruin_terminates():
     assert terminated and not truncated  # equity fell 95%: below 10% of the start
 
 
-def test_no_feature_at_t_depends_on_data_after_t():
+@pytest.mark.parametrize("stationary", [False, True])
+def test_no_feature_at_t_depends_on_data_after_t(stationary):
     market = tr.synthetic_market(400, 3)
-    base = tr.market_features(market.close, market.volume)
+    base = tr.market_features(market.close, market.volume, stationary)
     t = 250
     close, volume = market.close.copy(), market.volume.copy()
     close[t + 1:] *= np.linspace(0.3, 3.0, len(close) - t - 1)  # rewrite the future
     volume[t + 1:] = 1.0
-    changed = tr.market_features(close, volume)
+    changed = tr.market_features(close, volume, stationary)
     np.testing.assert_array_equal(changed[: t + 1], base[: t + 1])
     assert not np.allclose(changed[t + 1:, 0], base[t + 1:, 0])
     # the env's observation at t (same position and equity so far) is unchanged as well
-    env_a = tr.TradingEnv(market.close, base, t - 5, 400, episode_length=None)
-    env_b = tr.TradingEnv(close, changed, t - 5, 400, episode_length=None)
+    env_a = tr.TradingEnv(market.close, base, t - 5, 400, episode_length=None, relative_equity=stationary)
+    env_b = tr.TradingEnv(close, changed, t - 5, 400, episode_length=None, relative_equity=stationary)
     oa, _ = env_a.reset(seed=0)
     ob, _ = env_b.reset(seed=0)
     for _ in range(5):
@@ -99,6 +100,63 @@ def test_features_by_hand():
     assert feats[t, 5] == pytest.approx(1 / ma_ratio - 1)
     assert feats[t, 5] == pytest.approx(0.09783, abs=1e-5)
     assert np.isnan(feats[tr.WARMUP - 1, 3])
+
+
+def test_stationary_features_by_hand():
+    # close rises 1% a step for 25 steps, then falls 2% a step: log(C_t / max C_{t-19..t})
+    log_close = np.r_[np.arange(26) * 0.01, 0.25 - np.arange(1, 10) * 0.02]
+    feats = tr.market_features(100.0 * np.exp(log_close), np.full(35, 5.0), stationary=True)
+    assert feats[25, 0] == pytest.approx(0.0, abs=1e-12)  # at its 20-step high
+    assert feats[30, 0] == pytest.approx(-0.10)  # five 2% falls below the high at step 25
+    assert np.isnan(feats[tr.WARMUP - 1, 0])
+    np.testing.assert_array_equal(feats[:, 1:], tr.market_features(100.0 * np.exp(log_close), np.full(35, 5.0))[:, 1:])
+
+
+def test_relative_equity_is_the_drawdown_from_the_running_peak():
+    close = np.array([100.0, 110.0, 99.0, 108.9, 108.9])
+    env = tr.TradingEnv(close, np.zeros((5, tr.N_MARKET_FEATURES)), 0, 5, episode_length=None, cost=0.0,
+                        risk_penalty=0.0, reward_scale=1.0, initial_equity=1e5, relative_equity=True)
+    obs, _ = env.reset(seed=0)
+    assert obs[tr.EQUITY_IDX] == 0.0
+    # long: equity 1.1e5 (the peak), 0.99e5, 1.089e5; then flat: 1.089e5 stays 1% under the peak
+    for position, drawdown in ((1.0, 0.0), (1.0, -0.1), (1.0, -0.01), (0.0, -0.01)):
+        obs, *_ = env.step(np.array([position], np.float32))
+        assert obs[tr.EQUITY_IDX] == pytest.approx(drawdown, abs=1e-6)
+
+
+def fitted_inputs(market, args, split):
+    """Network inputs of a split's reference rollout and of the train-split fit sample."""
+    data = tr.prepare_data(args, market, "m")
+    ref = tr.reference_states(tr.make_env(data, data.splits["train"], args, training=False), seed=3)
+    normalizer = tr.StateNormalizer.fit(ref, "zscore", log_volume=True)
+    states = tr.reference_states(tr.make_env(data, data.splits[split], args, training=False), seed=5)
+    return tr.network_inputs(states, normalizer), tr.network_inputs(ref, normalizer)
+
+
+def test_stationary_inputs_are_the_same_for_a_price_series_scaled_by_k():
+    market = tr.synthetic_market(1200, 4)
+    k = 37.5  # another currency or a split-adjusted history; the capital is scaled with it
+    scaled = tr.Market(close=market.close * k, volume=market.volume, open=market.open * k,
+                       high=market.high * k, low=market.low * k)
+    base, _ = fitted_inputs(market, tr.Args(state_norm=True, market_steps=1200), "test")
+    moved, _ = fitted_inputs(scaled, tr.Args(state_norm=True, market_steps=1200, initial_equity=1e5 * k), "test")
+    np.testing.assert_allclose(moved, base, atol=1e-4)
+
+
+def test_a_trend_takes_raw_levels_out_of_the_fitted_range_but_not_stationary_inputs():
+    market = tr.synthetic_market(1200, 4)
+    trend = np.exp(np.linspace(0.0, 3.0, 1200))  # x20 over the series, as a stock over a decade
+    trending = tr.Market(close=market.close * trend, volume=market.volume, open=market.open * trend,
+                         high=market.high * trend, low=market.low * trend)
+    for stationary in (False, True):
+        args = tr.Args(state_norm=True, stationary=stationary, market_steps=1200)
+        test, fit = fitted_inputs(trending, args, "test")
+        shift = tr.shift_stats(test, fit.min(0), fit.max(0), 10.0, tr.observation_names(args))
+        close = shift["per_dim"][tr.CLOSE_IDX]["outside_fit_range"]
+        if stationary:  # the price against its 20-step high: inside the fitted range
+            assert close == 0.0 and shift["outside_fit_range_max"] < 0.01
+        else:  # the z-scored level: every test step above anything the train split showed
+            assert close == 1.0 and test[:, tr.CLOSE_IDX].min() > fit[:, tr.CLOSE_IDX].max()
 
 
 def test_synthetic_market_regimes():
@@ -193,7 +251,8 @@ def test_performance_metrics_by_hand():
 
 def test_flat_and_buy_and_hold_benchmarks():
     close = np.array([100.0, 110.0, 99.0, 108.9])
-    b = tr.benchmark_metrics(close, (0, 4), tr.Args(cost_bp=10.0))
+    features = np.zeros((4, tr.N_MARKET_FEATURES))
+    b = tr.benchmark_metrics(close, features, (0, 4), 1.0, tr.Args(cost_bp=10.0))["metrics"]
     # buy and hold: +10% less 10 bp entry, -10%, +10%
     assert b["buy_and_hold"]["total_return"] == pytest.approx((1 + 0.1 - 0.001) * 0.9 * 1.1 - 1)
     assert b["buy_and_hold"]["turnover"] == 1.0
@@ -274,10 +333,18 @@ def test_run_folder_files_and_schemas(freeze_runs):
     assert sat["summary"] == sat["history"][-1]
     assert [h["global_step"] for h in sat["history"]] == [5000, 6000]
     scale = read_json(run_dir, "state_scale_summary.json")
-    assert scale["feature_names"] == tr.FEATURE_NAMES
+    assert scale["feature_names"] == tr.STATIONARY_FEATURE_NAMES and scale["stationary"]
+    assert scale["feature_transforms"]["log_close_over_max20"].startswith("log(close_t / max(close_t-19..t)), zscore")
+    assert scale["feature_transforms"]["volume"].startswith("log1p, zscore")
+    assert scale["feature_transforms"]["equity_drawdown"].startswith("equity_t / running peak")
     assert scale["fit_sample_count"] == 6999 - tr.WARMUP  # one state per step of the train split [20, 7000)
     for key in ("pre_stats", "post_stats"):
         assert len(scale[key]["per_dim"]) == 8 and set(scale[key]["global"]) == {"min", "max", "p95_abs", "p99_abs"}
+    for split in ("val", "test"):  # the shift audit: the states seen in evaluation against the fit range
+        stats = scale["shift"]["agents"]["baseline"][split]
+        assert stats["shape"] == [1499, 8] and {"clip_ratio", "outside_fit_range"} <= set(stats["per_dim"][0])
+    raw_scale = read_json(freeze_runs["raw"]["run_dir"], "state_scale_summary.json")
+    assert raw_scale["feature_names"] == tr.FEATURE_NAMES and set(raw_scale["feature_transforms"].values()) == {"raw"}
 
 
 # --- intrinsic rewards and the paired audit ------------------------------------------------------
@@ -336,6 +403,31 @@ def test_sa_rnd_with_state_norm_moves_the_actions(freeze_runs):
     assert norm["diagnosis"]["code"] in ("R2", "R3")
 
 
+def test_actor_loss_adds_the_preactivation_penalty():
+    """actor_loss = -mean Q1(s, tanh(u)) + beta * mean(u^2), both terms computed here independently."""
+    args = tr.Args(policy_frequency=1, preactivation_penalty=0.25, hidden_size=8)
+    agent = tr.TD3(8, args, torch.device("cpu"), None, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    obs, next_obs = torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen)
+    batch = (obs, torch.zeros(16, 1), torch.zeros(16), torch.zeros(16), next_obs)
+    with torch.no_grad():
+        h = torch.relu(agent.actor.fc2(torch.relu(agent.actor.fc1(obs))))
+        u = h @ agent.actor.fc_mu.weight.T + agent.actor.fc_mu.bias
+    qf_before = tr.copy.deepcopy(agent.qf)
+    loss = agent.update(batch)["actor_loss"].item()
+    with torch.no_grad():  # the actor step uses the critic just updated in the same call
+        q1 = agent.qf.q1(obs, torch.tanh(u))
+    assert qf_before.q1(obs, torch.tanh(u)).sub(q1).abs().max() > 0  # (the critic did step)
+    assert loss == pytest.approx((-q1.mean() + 0.25 * u.square().mean()).item(), rel=1e-5)
+
+
+def test_preactivation_penalty_default_is_for_normalized_inputs_only():
+    assert tr.preactivation_penalty(tr.Args()) == 0.0  # raw features: plain TD3, the freeze demo
+    assert tr.preactivation_penalty(tr.Args(state_norm=True)) == 1e-3
+    assert tr.preactivation_penalty(tr.Args(state_norm=True, preactivation_penalty=0.0)) == 0.0
+    assert tr.preactivation_penalty(tr.Args(preactivation_penalty=0.01)) == 0.01
+
+
 def test_diagnosis_rules_on_crafted_numbers():
     base = dict(action_equal_ratio=1.0, eval_value_mae=0.0, intrinsic_mean_delta=0.3, q1_delta_mean=2.0)
     assert tr.diagnose(base, 1.0, 1e5)["code"] == "R1"
@@ -344,3 +436,97 @@ def test_diagnosis_rules_on_crafted_numbers():
     assert tr.diagnose({**base, "action_equal_ratio": 0.5}, 0.1, 1e5)["code"] == "R2"
     assert tr.diagnose({**base, "action_equal_ratio": 0.5, "eval_value_mae": 40.0}, 0.1, 1e5)["code"] == "R3"
     assert tr.diagnose({**base, "intrinsic_mean_delta": 0.0}, 0.1, 1e5)["code"] == "R4"
+
+
+# --- rule baseline and the shift audit on crafted numbers ------------------------------------------
+def test_volatility_filter_on_a_crafted_series():
+    close = np.array([100.0, 101.0, 99.0, 102.0, 102.0, 96.9])
+    features = np.zeros((6, tr.N_MARKET_FEATURES))
+    features[:, tr.VOL_IDX] = [0.01, 0.03, 0.01, 0.005, 0.02, 0.0]
+    b = tr.benchmark_metrics(close, features, (0, 6), 0.02, tr.Args(cost_bp=10.0, periods_per_year=4))
+    # vol < 0.02 at steps 0, 2, 3 -> long, long... positions [1, 0, 1, 1, 0] (0.02 itself is not below)
+    expected = np.array([0.01 - 0.001, 0.0 - 0.001, 102 / 99 - 1 - 0.001, 0.0, 0.0 - 0.001])
+    m = b["metrics"]["vol_filter"]
+    assert m["turnover"] == 4.0
+    assert m["total_return"] == pytest.approx(np.prod(1 + expected) - 1)
+    assert m["sharpe"] == pytest.approx(2 * expected.mean() / expected.std())
+    np.testing.assert_allclose(b["equity"]["vol_filter"], np.r_[1.0, np.cumprod(1 + expected)])
+
+
+def test_clip_ratio_and_outside_fit_range_on_crafted_inputs():
+    names = [f"f{i}" for i in range(3)]
+    x = np.array([[10.0, 0.5, -10.0], [-10.0, 0.5, 0.0], [9.0, 2.5, 0.0], [0.0, -3.0, 0.0]])
+    s = tr.shift_stats(x, np.array([-9.5, -1.0, -10.0]), np.array([9.5, 1.0, 10.0]), 10.0, names)
+    assert [d["clip_ratio"] for d in s["per_dim"]] == [0.5, 0.0, 0.25]
+    assert [d["outside_fit_range"] for d in s["per_dim"]] == [0.5, 0.5, 0.0]  # +-10 vs +-9.5; 2.5 and -3
+    assert s["clip_ratio_max"] == 0.5 and s["outside_fit_range_max"] == 0.5
+    assert tr.shift_stats(x, x.min(0), x.max(0), None, names)["clip_ratio_max"] is None  # raw: no clip
+
+
+def test_distribution_shift_is_named_only_when_test_fails_and_validation_does_not():
+    def split(close, equity):
+        return {"per_dim": [{"name": "close", "clip_ratio": close}, {"name": "equity", "clip_ratio": equity}]}
+    def sat(val_near, test_near):
+        return {"a": {"val": {"near_bound_ratio": val_near}, "test": {"near_bound_ratio": test_near}}}
+    text = tr.distribution_shift({"a": {"val": split(0.0, 0.016), "test": split(0.18, 0.0)}}, sat(0.0, 0.0))
+    assert "'close' is at the clip on 18% of test steps (validation 0%)" in text  # equity's 1.6% hides nothing
+    assert "bound on 90%" in tr.distribution_shift({"a": {"val": split(0.0, 0.0), "test": split(0.0, 0.0)}},
+                                                   sat(0.1, 0.9))
+    assert tr.distribution_shift({"a": {"val": split(0.0, 0.0), "test": split(0.005, 0.0)}}, sat(0.1, 0.2)) is None
+    assert tr.distribution_shift({"a": {"val": split(0.1, 0.0), "test": split(0.18, 0.0)}}, sat(0.1, 0.2)) is None
+    raw = {"val": split(None, None), "test": split(None, None)}  # no normalizer: nothing is clipped
+    assert tr.distribution_shift({"a": raw}, sat(1.0, 1.0)) is None  # frozen everywhere is not a shift
+    paired = dict(action_equal_ratio=0.5, eval_value_mae=40.0, intrinsic_mean_delta=0.3, q1_delta_mean=2.0)
+    assert tr.diagnose(paired, 0.1, 1e5, shift="distribution shift (x)")["advice"].startswith("distribution shift")
+
+
+# --- eval-only: a saved agent on other data --------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved")
+    summary = tr.main(tr.Args(seed=3, state_norm=True, total_timesteps=1500, learning_starts=500, eval_frequency=500,
+                              hidden_size=32, market_steps=3000, save_model=True, runs_dir=str(out), cuda=False))
+    return summary, out
+
+
+def test_eval_only_reproduces_the_test_split_and_reads_another_csv(saved_run, tmp_path):
+    summary, _ = saved_run
+    model = os.path.join(summary["run_dir"], "model.pt")
+    again = tr.main(tr.Args(eval_only=True, checkpoint=model, runs_dir=str(tmp_path), cuda=False))
+    assert again["test"]["agents"] == summary["test"]["agents"]  # same agents, normalizer, split: same numbers
+    assert again["test"]["vol_filter"] == summary["test"]["vol_filter"]
+    assert {"eval_test.json", "eval_equity.png", "action_saturation.png", "td3_action_saturation.json",
+            "shift_audit.json", "summary.json"} <= set(os.listdir(again["run_dir"]))
+    # the same market written as a CSV, evaluated whole: as many steps as rows after the warm-up
+    m = tr.synthetic_market(400, 9)
+    path = write_csv(tmp_path / "other.csv", ["Date", "Open", "High", "Low", "Close", "Volume"],
+                     [[str(np.datetime64("2001-01-01") + i), m.open[i], m.high[i], m.low[i], m.close[i], m.volume[i]]
+                      for i in range(400)])
+    other = tr.main(tr.Args(eval_only=True, checkpoint=model, data_csv=path, eval_split="all", runs_dir=str(tmp_path),
+                            cuda=False))
+    assert other["all"]["steps"] == 400 - tr.WARMUP - 1
+    assert set(other["all"]["agents"]) == {"baseline", "intrinsic"}
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_eval_only_errors_are_one_line(saved_run, tmp_path):
+    summary, _ = saved_run
+    ckpt = torch.load(os.path.join(summary["run_dir"], "model.pt"), weights_only=False)
+    ckpt["feature_names"] = tr.FEATURE_NAMES  # as if saved with the raw-level layout
+    torch.save(ckpt, tmp_path / "other_layout.pt")
+    torch.save({"actor": {}}, tmp_path / "foreign.pt")
+    (tmp_path / "broken.pt").write_bytes(b"not a zip")
+    cases = {str(tmp_path / "missing.pt"): "does not exist", str(tmp_path / "foreign.pt"): "not a td3_intrinsic",
+             str(tmp_path / "broken.pt"): "not a readable model.pt", str(tmp_path / "other_layout.pt"): "saved with features"}
+    for path, message in cases.items():
+        result = run_cli("--eval-only", "--checkpoint", path, "--runs-dir", str(tmp_path / "runs"))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
+    bad_csv = write_csv(tmp_path / "bad.csv", ["Date", "Close"], [["2001-01-01", 1.0]])
+    result = run_cli("--eval-only", "--checkpoint", os.path.join(summary["run_dir"], "model.pt"), "--data-csv", bad_csv,
+                     "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 2 and "has no open column" in result.stderr
+    assert not os.path.exists(tmp_path / "runs")  # nothing written before the error
