@@ -331,7 +331,11 @@ def test_run_folder_files_and_schemas(freeze_runs):
     for part in ("summary", "test"):
         assert {"near_bound_ratio", "actor_collapse_detected", "kappa_mean", "kappa_p10"} <= set(sat[part])
     assert sat["summary"] == sat["history"][-1]
-    assert [h["global_step"] for h in sat["history"]] == [5000, 6000]
+    assert [h["global_step"] for h in sat["history"]] == [1000, 2000, 3000, 4000, 5000, 6000]
+    # --keep-best: the kept checkpoint is the first evaluation with the best validation Sharpe
+    sharpes = [h["val_sharpe"] for h in sat["history"]]
+    assert sat["selected_step"] == 1000 * (sharpes.index(max(sharpes)) + 1)
+    assert sat["selected_val"]["near_bound_ratio"] == sat["history"][sharpes.index(max(sharpes))]["near_bound_ratio"]
     scale = read_json(run_dir, "state_scale_summary.json")
     assert scale["feature_names"] == tr.STATIONARY_FEATURE_NAMES and scale["stationary"]
     assert scale["feature_transforms"]["log_close_over_max20"].startswith("log(close_t / max(close_t-19..t)), zscore")
