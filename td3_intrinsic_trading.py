@@ -358,15 +358,22 @@ def feature_transforms(args: Args) -> list[str]:
     if not args.state_norm:
         return ["raw"] * len(FEATURE_NAMES)
     scale = "robust (x - median)/IQR" if args.state_norm_kind == "robust" else "zscore (x - mean)/std"
-    steps = ["", "log1p, " if args.log_volume else "", "", "", "", "", "", ""]
+    steps = [""] * len(FEATURE_NAMES)
+    if args.log_volume:
+        steps[VOLUME_IDX] = "log1p, "
     if args.stationary:
         steps[CLOSE_IDX] = "log(close_t / max(close_t-19..t)), "
         steps[EQUITY_IDX] = "equity_t / running peak of the episode - 1, "
     return [f"{step}{scale}, clip +-10" for step in steps]
 
 
+def stationary_layout(args: Args) -> bool:
+    """The stationary step runs under --state-norm unless --no-stationary."""
+    return args.state_norm and args.stationary
+
+
 def observation_names(args: Args) -> list[str]:
-    return STATIONARY_FEATURE_NAMES if args.state_norm and args.stationary else FEATURE_NAMES
+    return STATIONARY_FEATURE_NAMES if stationary_layout(args) else FEATURE_NAMES
 
 
 # ENVIRONMENT ------------------------------------------------------------------------------------
@@ -464,8 +471,13 @@ class Actor(nn.Module):
     def pre_activation(self, obs: torch.Tensor) -> torch.Tensor:
         return self.fc_mu(F.relu(self.fc2(F.relu(self.fc1(obs)))))
 
+    def forward_with_preactivation(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pi(s), u): the action and the pre-tanh output u it came from (kappa = 1 - tanh(u)^2)."""
+        u = self.pre_activation(obs)
+        return torch.tanh(u) * self.action_scale + self.action_bias, u
+
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.pre_activation(obs)) * self.action_scale + self.action_bias
+        return self.forward_with_preactivation(obs)[0]
 
 
 class TwinQ(nn.Module):
@@ -798,11 +810,11 @@ class TD3:
         self.n_updates += 1
         metrics = {"qf_losses": qf_losses.detach(), "q_means": q.detach().mean(dim=1), "rewards": rewards}
         if self.n_updates % self.args.policy_frequency == 0:  # delayed policy updates
-            pre = self.actor.pre_activation(obs)
-            actions_pi = torch.tanh(pre) * self.actor.action_scale + self.actor.action_bias
-            # -Q1(s, pi(s)), plus the pre-activation penalty: at the bound kappa ~ 0 and the critic's
-            # gradient no longer reaches the actor; beta * u^2 pulls it back, and inside it is tiny.
-            actor_loss = -self.qf.q1(obs, actions_pi).mean() + self.preactivation_penalty * pre.square().mean()
+            actions_pi, pre = self.actor.forward_with_preactivation(obs)
+            actor_loss = -self.qf.q1(obs, actions_pi).mean()
+            if self.preactivation_penalty:  # at the bound kappa ~ 0 and the critic's gradient no longer
+                # reaches the actor; beta * u^2 pulls it back, and inside the bound it is tiny
+                actor_loss = actor_loss + self.preactivation_penalty * pre.square().mean()
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward(inputs=self._actor_params)
             self.actor_optimizer.step()
@@ -1006,19 +1018,24 @@ def load_market(args: Args) -> tuple[Market, str]:
 
 
 def prepare_data(args: Args, market: Market, source: str) -> MarketData:
-    features = market_features(market.close, market.volume, stationary=args.state_norm and args.stationary)
-    splits = split_bounds(len(market.close), args.train_frac, args.val_frac)
-    for split, (lo, hi) in splits.items():
-        if hi - lo < 2 * max(args.episode_length // 4, 10):
-            raise UserError(f"the {split} split has {hi - lo} steps; use more data or change --train-frac/--val-frac")
+    """Features in the run's layout; the three chronological splits and "all" (every usable row)."""
+    features = market_features(market.close, market.volume, stationary=stationary_layout(args))
+    splits = {**split_bounds(len(market.close), args.train_frac, args.val_frac), "all": (WARMUP, len(market.close))}
     lo, hi = splits["train"]
     return MarketData(market.close, features, splits, float(np.median(features[lo:hi, VOL_IDX])), source)
+
+
+def check_split_lengths(data: MarketData, args: Args, names: tuple) -> None:
+    for split in names:
+        lo, hi = data.splits[split]
+        if hi - lo < 2 * max(args.episode_length // 4, 10):
+            raise UserError(f"the {split} split has {hi - lo} steps; use more data or change --train-frac/--val-frac")
 
 
 def make_env(data: MarketData, bounds: tuple, args: Args, training: bool) -> TradingEnv:
     return TradingEnv(data.close, data.features, *bounds, episode_length=args.episode_length if training else None,
                       cost=args.cost_bp * 1e-4, risk_penalty=args.risk_penalty, reward_scale=args.reward_scale,
-                      initial_equity=args.initial_equity, relative_equity=args.state_norm and args.stationary)
+                      initial_equity=args.initial_equity, relative_equity=stationary_layout(args))
 
 
 class TrainingLog:
@@ -1286,7 +1303,7 @@ def write_scale_summary(path: str, args: Args, ref: np.ndarray, normalizer: Opti
     post = scale_stats(network_inputs(ref, normalizer), names)
     summary = {"mode": args.state_norm_kind if args.state_norm else "none",
                "log_volume": bool(args.state_norm and args.log_volume),
-               "stationary": bool(args.state_norm and args.stationary), "feature_names": names,
+               "stationary": stationary_layout(args), "feature_names": names,
                "feature_transforms": dict(zip(names, feature_transforms(args))), "fit_sample_count": len(ref),
                "pre_stats": pre, "post_stats": post,
                "p99_abs_spread": {"pre": p99_abs_spread(pre), "post": p99_abs_spread(post)}}
@@ -1312,6 +1329,7 @@ def main(args: Args) -> dict:
     if args.eval_only:
         return evaluate_checkpoint(args, device)
     data = prepare_data(args, *load_market(args))
+    check_split_lengths(data, args, ("train", "val", "test"))
     # --state-norm: fitted once on a random-action rollout over the train split, then frozen.
     ref = reference_states(make_env(data, data.splits["train"], args, training=False), args.seed)
     normalizer = StateNormalizer.fit(ref, args.state_norm_kind, args.log_volume) if args.state_norm else None
@@ -1364,7 +1382,7 @@ def main(args: Args) -> dict:
         save_model(os.path.join(run_dir, "model.pt"), args, data, agents, fit_range)
 
     summary = {"run_dir": run_dir, "seed": args.seed, "state_norm": args.state_norm,
-               "stationary": args.state_norm and args.stationary, "total_timesteps": args.total_timesteps,
+               "stationary": stationary_layout(args), "total_timesteps": args.total_timesteps,
                "test": report["eval"],
                "val": {name: res["metrics"] for name, res in report["results"]["val"].items()},
                "selected_step": selected_step,
@@ -1422,12 +1440,10 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     if ckpt["feature_names"] != observation_names(run_args):
         raise UserError(f"--checkpoint '{args.checkpoint}' was saved with features {ckpt['feature_names']}, "
                         f"its settings build {observation_names(run_args)}: retrain with --save-model")
-    market, source = load_market(run_args)
-    if args.eval_split == "all":  # the whole file as one split: a model trained elsewhere, judged on new data
-        features = market_features(market.close, market.volume, stationary=run_args.state_norm and run_args.stationary)
-        data = MarketData(market.close, features, {"all": (WARMUP, len(market.close))}, 0.0, source)
-    else:
-        data = prepare_data(run_args, market, source)
+    data = prepare_data(run_args, *load_market(run_args))
+    lo, hi = data.splits[args.eval_split]
+    if hi - lo < 2:
+        raise UserError(f"the {args.eval_split} split of {data.source} has {hi - lo} rows; pick --eval-split all")
     data.vol_threshold = float(ckpt["vol_filter_threshold"])  # fitted on the training data's train split
     agents, normalizer = {}, None
     for name, state in ckpt["agents"].items():
@@ -1436,7 +1452,7 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
         agent.actor.load_state_dict(state["actor"])
         agent.qf.load_state_dict(state["qf"])
         agents[name] = agent
-    run_dir = make_run_dir(run_args, source, "__eval")
+    run_dir = make_run_dir(run_args, data.source, "__eval")
     fit_range = tuple(np.asarray(r) for r in ckpt["fit_range"])
     report = evaluation_report(run_args, run_dir, data, agents, normalizer, fit_range, [args.eval_split])
     results = report["results"][args.eval_split]
@@ -1446,7 +1462,7 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
         "agents": {name: {args.eval_split: sat[args.eval_split]} for name, sat in report["saturation"].items()},
         "paired": paired})
     write_json_atomic(os.path.join(run_dir, "shift_audit.json"), {"split": args.eval_split, "agents": report["shift"]})
-    summary = {"run_dir": run_dir, "checkpoint": args.checkpoint, "split": args.eval_split, "source": source,
+    summary = {"run_dir": run_dir, "checkpoint": args.checkpoint, "split": args.eval_split, "source": data.source,
                args.eval_split: report["eval"], "saturation": {n: s[args.eval_split] for n, s in report["saturation"].items()},
                "paired": paired}
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)

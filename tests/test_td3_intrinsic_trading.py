@@ -442,6 +442,13 @@ def test_diagnosis_rules_on_crafted_numbers():
     assert tr.diagnose({**base, "intrinsic_mean_delta": 0.0}, 0.1, 1e5)["code"] == "R4"
 
 
+def test_a_split_too_short_for_training_is_one_user_error(tmp_path):
+    # 200 rows: train [20, 140) has 120 steps, fewer than 2 * episode_length / 4 = 128
+    with pytest.raises(tr.UserError, match="the train split has 120 steps"):
+        tr.main(tr.Args(market_steps=200, runs_dir=str(tmp_path), cuda=False))
+    assert not os.listdir(tmp_path)  # raised before the run folder exists
+
+
 # --- rule baseline and the shift audit on crafted numbers ------------------------------------------
 def test_volatility_filter_on_a_crafted_series():
     close = np.array([100.0, 101.0, 99.0, 102.0, 102.0, 96.9])
