@@ -24,7 +24,9 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -32,6 +34,7 @@ from typing import Optional
 import gymnasium as gym
 import numpy as np
 import torch
+import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -50,8 +53,10 @@ class Args:
     """if toggled, cuda is used when available"""
     threads: int = 0
     """torch intra-op threads (0 keeps torch's default, one per core)"""
-    compile: bool = False
-    """torch.compile the loss computations of the update (CUDA: with CUDA graphs)"""
+    compile: bool = True
+    """torch.compile each update step into one graph (~15 s once; CUDA: replayed as a CUDA graph)"""
+    bf16: bool = False
+    """bfloat16 matmuls in the update (autocast; fast on CPUs with AVX512-BF16/AMX), fp32 weights"""
     runs_dir: str = "runs"
     """root folder of the run folders"""
     save_model: bool = False
@@ -66,6 +71,8 @@ class Args:
     """only evaluate the model in --checkpoint and exit"""
     checkpoint: Optional[str] = None
     """model.pt or checkpoint.pt to evaluate with --eval-only"""
+    benchmark: bool = False
+    """print the matmul ceiling, the bare update's rate and a short run's learning-phase SPS, then exit"""
 
     # Algorithm specific arguments
     env_id: str = "Hopper-v5"
@@ -283,43 +290,57 @@ class TwinQ(nn.Module):
 
 
 # REPLAY BUFFER ----------------------------------------------------------------------------------
+def batch_fields(rows: torch.Tensor, obs_dim: int, action_dim: int):
+    """(obs, actions, rewards, terminations, next_obs) as views of replay rows."""
+    o, a = obs_dim, action_dim
+    return rows[:, :o], rows[:, 2 * o:2 * o + a], rows[:, -2], rows[:, -1], rows[:, o:2 * o]
+
+
 class ReplayBuffer:
-    """Preallocated tensors on the training device, ring-indexed, sampled with torch.randint."""
+    """Ring buffer of transitions as rows of one preallocated tensor on the training device.
+
+    One row is [obs | next_obs | action | reward | terminated]: a batch is one random gather of
+    rows (one op instead of five), and its fields are column views of it.
+    """
 
     def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device):
         self.capacity, self.device = capacity, device
-        self.obs = torch.zeros(capacity, obs_dim, device=device)
-        self.next_obs = torch.zeros(capacity, obs_dim, device=device)
-        self.actions = torch.zeros(capacity, action_dim, device=device)
-        self.rewards = torch.zeros(capacity, device=device)
-        self.terminations = torch.zeros(capacity, device=device)
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.storage = torch.zeros(capacity, 2 * obs_dim + action_dim + 2, device=device)
         self.pos, self.size = 0, 0
+
+    @property
+    def obs(self) -> torch.Tensor:
+        return self.storage[:, :self.obs_dim]
+
+    @property
+    def terminations(self) -> torch.Tensor:
+        return self.storage[:, -1]
 
     def add(self, obs, next_obs, actions, rewards, terminations) -> None:
         n = len(obs)
         if n == 0:
             return
-        idx = torch.arange(self.pos, self.pos + n, device=self.device) % self.capacity
-        for store, values in ((self.obs, obs), (self.next_obs, next_obs), (self.actions, actions),
-                              (self.rewards, rewards), (self.terminations, terminations)):
-            store[idx] = torch.as_tensor(np.asarray(values, dtype=np.float32), device=self.device)
+        rows = torch.as_tensor(np.concatenate(
+            [obs, next_obs, actions, np.reshape(rewards, (n, 1)), np.reshape(terminations, (n, 1))],
+            axis=1, dtype=np.float32), device=self.device)
+        if self.pos + n <= self.capacity:  # the usual case: a slice write, no index tensor
+            self.storage[self.pos:self.pos + n] = rows
+        else:
+            self.storage[torch.arange(self.pos, self.pos + n, device=self.device) % self.capacity] = rows
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
     def sample(self, batch_size: int):
-        idx = torch.randint(0, self.size, (batch_size,), device=self.device)
-        return self.obs[idx], self.actions[idx], self.rewards[idx], self.terminations[idx], self.next_obs[idx]
+        rows = self.storage[torch.randint(0, self.size, (batch_size,), device=self.device)]
+        return batch_fields(rows, self.obs_dim, self.action_dim)
 
     def state_dict(self) -> dict:
-        keep = slice(0, self.size)
-        return {"pos": self.pos, "size": self.size, "obs": self.obs[keep].cpu(),
-                "next_obs": self.next_obs[keep].cpu(), "actions": self.actions[keep].cpu(),
-                "rewards": self.rewards[keep].cpu(), "terminations": self.terminations[keep].cpu()}
+        return {"pos": self.pos, "size": self.size, "storage": self.storage[: self.size].cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         self.pos, self.size = state["pos"], state["size"]
-        for name in ("obs", "next_obs", "actions", "rewards", "terminations"):
-            getattr(self, name)[: self.size] = state[name].to(self.device)
+        self.storage[: self.size] = state["storage"].to(self.device)
 
 
 # NORMALIZER -------------------------------------------------------------------------------------
@@ -397,37 +418,92 @@ def soft_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], tau: 
     torch._foreach_lerp_(targets, sources, tau)
 
 
+def require_cxx_compiler(device: torch.device) -> None:
+    """torch.compile on CPU builds C++ kernels: say so at start, not with a traceback at the first update."""
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise UserError("--compile on CPU needs a C++ compiler (e.g. apt install g++); or pass --no-compile")
+
+
+class Adam:
+    """Adam (Kingma & Ba, 2015) on a list of tensors, in place, in eight foreach ops.
+
+    Written out instead of torch.optim.Adam so that one TD3 update -- loss, gradient and
+    optimizer step -- is a pure tensor function that torch.compile turns into one graph (the
+    optimizer's Python bookkeeping is half the eager update's overhead at these sizes). The step
+    count is a 0-dim tensor, so a compiled graph does not recompile as it counts.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.step_count = torch.zeros((), device=params[0].device)
+        for state in (*self.exp_avg, *self.exp_avg_sq, self.step_count):
+            # fixed addresses, as torch.optim does for compiled optimizers: a CUDA graph may then
+            # update these tensors in place instead of refusing a graph with mutated inputs
+            torch._dynamo.mark_static_address(state)
+
+    def step(self, grads: list[torch.Tensor]) -> None:
+        b1, b2 = self.betas
+        self.step_count.add_(1)
+        torch._foreach_lerp_(self.exp_avg, grads, 1 - b1)  # m <- b1 m + (1 - b1) g
+        torch._foreach_mul_(self.exp_avg_sq, b2)  # v <- b2 v + (1 - b2) g^2
+        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - b2)
+        # bias-corrected step: theta -= lr/(1 - b1^t) * m / (sqrt(v/(1 - b2^t)) + eps)
+        denom = torch._foreach_div(torch._foreach_sqrt(self.exp_avg_sq), (1 - b2 ** self.step_count).sqrt())
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(self.params, torch._foreach_mul(self.exp_avg, -self.lr / (1 - b1 ** self.step_count)), denom)
+
+    def state_dict(self) -> dict:
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.exp_avg, state["exp_avg"])
+            torch._foreach_copy_(self.exp_avg_sq, state["exp_avg_sq"])
+            self.step_count.copy_(state["step"])
+
+
 class TD3:
-    """Actor, twin critic, their targets and optimizers; `update` is one TD3 gradient step."""
+    """Actor, twin critic, their targets and optimizers; `update` is one TD3 gradient step.
+
+    The two steps of the algorithm box are pure functions of tensors (`critic_step`,
+    `actor_step`): loss, gradient (torch.func) and Adam in one place. With --compile (the
+    default) torch.compile makes each one graph -- inductor's C++ kernels fuse the elementwise
+    work around the matmuls -- and on CUDA also replays it as a CUDA graph.
+    """
 
     def __init__(self, obs_dim: int, action_low: np.ndarray, action_high: np.ndarray, args: Args,
                  device: torch.device):
         self.args, self.device = args, device
-        self.actor = Actor(obs_dim, action_low, action_high).to(device)
-        self.qf = TwinQ(obs_dim, len(action_low)).to(device)
-        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
-        self.qf_target = copy.deepcopy(self.qf).requires_grad_(False)
+        # requires_grad off: gradients come from torch.func.grad, so autograd need not record
+        # every forward (acting, evaluation, targets) for a backward that never comes.
+        self.actor = Actor(obs_dim, action_low, action_high).to(device).requires_grad_(False)
+        self.qf = TwinQ(obs_dim, len(action_low)).to(device).requires_grad_(False)
+        self.actor_target = copy.deepcopy(self.actor)
+        self.qf_target = copy.deepcopy(self.qf)
         self.action_low = torch.as_tensor(action_low, dtype=torch.float32, device=device)
         self.action_high = torch.as_tensor(action_high, dtype=torch.float32, device=device)
-        # fused Adam: one kernel for all parameters instead of a handful of ops per tensor.
-        self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=args.learning_rate, fused=True)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=True)
+        self.actor_params = dict(self.actor.named_parameters())
+        self.qf_params = dict(self.qf.named_parameters())
+        self.q_optimizer = Adam(list(self.qf_params.values()), args.learning_rate)
+        self.actor_optimizer = Adam(list(self.actor_params.values()), args.learning_rate)
         self.normalizer = RunningMeanStd(obs_dim, device) if args.state_norm else None
         self.n_updates = 0
         self._sources = list(self.actor.parameters()) + list(self.qf.parameters())
         self._targets = list(self.actor_target.parameters()) + list(self.qf_target.parameters())
-        self._actor_params = list(self.actor.parameters())
-        self.critic_loss = self._critic_loss
-        self.actor_loss = self._actor_loss
+        self.critic_step, self.actor_step = self._critic_step, self._actor_step
         if args.compile:
+            if device.type == "cpu":  # the graph's launcher in C++ too: no Python between kernels
+                torch._inductor.config.cpp_wrapper = True
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
-            self.critic_loss = torch.compile(self._critic_loss, mode=mode)
-            self.actor_loss = torch.compile(self._actor_loss, mode=mode)
+            self.critic_step = torch.compile(self._critic_step, mode=mode, fullgraph=True)
+            self.actor_step = torch.compile(self._actor_step, mode=mode, fullgraph=True)
 
     def norm(self, obs: torch.Tensor) -> torch.Tensor:
         return obs if self.normalizer is None else self.normalizer.normalize(obs)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs: np.ndarray, exploration_noise: float = 0.0) -> np.ndarray:
         """pi(s) (+ N(0, noise*scale) when exploring), clipped to the bounds of each dimension."""
         actions = self.actor(self.norm(torch.as_tensor(obs, dtype=torch.float32, device=self.device)))
@@ -435,39 +511,72 @@ class TD3:
             actions += torch.randn_like(actions) * (exploration_noise * self.actor.action_scale)
         return torch.clamp(actions, self.action_low, self.action_high).cpu().numpy()
 
-    def _critic_loss(self, obs, actions, rewards, terminations, next_obs):
-        with torch.no_grad():
-            noise = smoothing_noise(actions, self.args.policy_noise, self.args.noise_clip,
-                                    self.actor.action_scale)
+    def matmul_precision(self):
+        """--bf16: the networks run in bfloat16 inside the update; weights, losses, Adam stay fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
+
+    def _critic_step(self, obs, actions, rewards, terminations, next_obs, noise):
+        """Clipped double-Q regression of both critics on the smoothed target, one Adam step."""
+        with torch.no_grad(), self.matmul_precision():
             y = td3_target(self.actor_target, self.qf_target, next_obs, rewards, terminations, noise,
                            self.args.gamma, self.action_low, self.action_high)
-        q = self.qf(obs, actions)
-        qf_losses = (q - y).square().mean(dim=1)  # [qf1_loss, qf2_loss]
-        return qf_losses.sum(), qf_losses.detach(), q.detach().mean(dim=1)
 
-    def _actor_loss(self, obs):
-        return -self.qf.q1(obs, self.actor(obs)).mean()
+        def loss(qf_params):
+            with self.matmul_precision():
+                q = torch.func.functional_call(self.qf, qf_params, (obs, actions)).float()
+            qf_losses = (q - y).square().mean(dim=1)  # [qf1_loss, qf2_loss]
+            return qf_losses.sum(), (qf_losses, q.mean(dim=1))
+
+        grads, (qf_loss, (qf_losses, q_means)) = torch.func.grad_and_value(loss, has_aux=True)(self.qf_params)
+        with torch.no_grad():
+            self.q_optimizer.step(list(grads.values()))
+        return qf_loss, qf_losses, q_means
+
+    def _actor_step(self, obs):
+        """Deterministic policy gradient through Q1 only, one Adam step, then Polyak targets."""
+        def loss(actor_params):
+            with self.matmul_precision():
+                q1 = self.qf.q1(obs, torch.func.functional_call(self.actor, actor_params, (obs,)))
+            return -q1.float().mean()
+
+        grads, actor_loss = torch.func.grad_and_value(loss)(self.actor_params)
+        with torch.no_grad():
+            self.actor_optimizer.step(list(grads.values()))
+            soft_update_(self._targets, self._sources, self.args.tau)
+        return actor_loss
 
     def update(self, batch) -> dict:
         """One critic step; every policy_frequency-th call also one actor step and a target update."""
         obs, actions, rewards, terminations, next_obs = batch
         obs, next_obs = self.norm(obs), self.norm(next_obs)
-        qf_loss, qf_losses, q_means = self.critic_loss(obs, actions, rewards, terminations, next_obs)
-        self.q_optimizer.zero_grad(set_to_none=True)
-        qf_loss.backward()
-        self.q_optimizer.step()
+        # Target policy smoothing noise, drawn here so compiled and eager runs draw the same numbers.
+        noise = smoothing_noise(actions, self.args.policy_noise, self.args.noise_clip, self.actor.action_scale)
+        qf_loss, qf_losses, q_means = self.critic_step(obs, actions, rewards, terminations, next_obs, noise)
         self.n_updates += 1
-        metrics = {"qf_loss": qf_loss.detach(), "qf_losses": qf_losses, "q_means": q_means}
+        metrics = {"qf_loss": qf_loss, "qf_losses": qf_losses, "q_means": q_means}
         # Delayed policy updates: the actor follows a critic that has had time to settle.
         if self.n_updates % self.args.policy_frequency == 0:
-            actor_loss = self.actor_loss(obs)
-            self.actor_optimizer.zero_grad(set_to_none=True)
-            actor_loss.backward(inputs=self._actor_params)  # no grads wasted on the critic
-            self.actor_optimizer.step()
-            with torch.no_grad():
-                soft_update_(self._targets, self._sources, self.args.tau)
-            metrics["actor_loss"] = actor_loss.detach()
+            metrics["actor_loss"] = self.actor_step(obs)
         return metrics
+
+    def compile_now(self, batch_size: int) -> float:
+        """With --compile, build both compiled steps before training; returns the seconds it took.
+
+        One critic and one actor step on a dummy batch, then every tensor and RNG state is put
+        back, so the run's numbers do not depend on it; the compile time is reported on its own
+        instead of inside the first learning step.
+        """
+        if not self.args.compile:
+            return 0.0
+        start = time.perf_counter()
+        saved = copy.deepcopy(self.state_dict())
+        obs_dim, action_dim = self.actor.fc1.in_features, len(self.action_low)
+        rows = torch.zeros(batch_size, 2 * obs_dim + action_dim + 2, device=self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for _ in range(self.args.policy_frequency):
+                self.update(batch_fields(rows, obs_dim, action_dim))
+        self.load_state_dict(saved)
+        return time.perf_counter() - start
 
     def state_dict(self) -> dict:
         return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(),
@@ -478,7 +587,10 @@ class TD3:
                 "n_updates": self.n_updates}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("actor", "qf", "actor_target", "qf_target", "actor_optimizer", "q_optimizer"):
+        with torch.no_grad():  # in place: the optimizers and compiled steps hold these tensors
+            for name in ("actor", "qf", "actor_target", "qf_target"):
+                getattr(self, name).load_state_dict(state[name])
+        for name in ("actor_optimizer", "q_optimizer"):
             getattr(self, name).load_state_dict(state[name])
         if self.normalizer is not None:
             self.normalizer.load_state_dict(state["normalizer"])
@@ -527,14 +639,17 @@ def p99_abs_spread(stats: dict) -> Optional[float]:
 def actor_critic_audit(agent: TD3, eval_obs: np.ndarray) -> dict:
     """Saturation, kappa, actor gradient norm and twin gap on the (raw) eval states."""
     obs = agent.norm(torch.as_tensor(eval_obs, dtype=torch.float32, device=agent.device))
-    actions = agent.actor(obs)
-    actor_loss = -agent.qf.q1(obs, actions).mean()
-    grads = torch.autograd.grad(actor_loss, agent._actor_params)
+
+    def actor_loss(actor_params):
+        return -agent.qf.q1(obs, torch.func.functional_call(agent.actor, actor_params, (obs,))).mean()
+
+    grads = torch.func.grad(actor_loss)(agent.actor_params)
     with torch.no_grad():
+        actions = agent.actor(obs)
         q = agent.qf(obs, actions)
-    stats = action_saturation_stats(actions.detach().cpu().numpy(), agent.actor.action_scale.cpu().numpy(),
+    stats = action_saturation_stats(actions.cpu().numpy(), agent.actor.action_scale.cpu().numpy(),
                                     agent.actor.action_bias.cpu().numpy())
-    stats["actor_grad_norm"] = float(torch.sqrt(sum(g.square().sum() for g in grads)))
+    stats["actor_grad_norm"] = float(torch.sqrt(sum(g.square().sum() for g in grads.values())))
     stats["q_twin_gap"] = float((q[0] - q[1]).abs().mean())
     return stats
 
@@ -629,12 +744,16 @@ def load_torch_file(path: str, what: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file: say which, not a traceback
         raise UserError(f"{what} '{path}' cannot be read ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    found = state.get("format") if isinstance(state, dict) else None
+    if isinstance(found, str) and found.startswith("td3_continuous/") and found != CHECKPOINT_FORMAT:
+        raise UserError(f"{what} '{path}' was written by another version of td3_continuous.py "
+                        f"(format {found}; this one reads {CHECKPOINT_FORMAT})")
+    if found != CHECKPOINT_FORMAT:
         raise UserError(f"{what} '{path}' is not a td3_continuous.py model.pt or checkpoint.pt")
     return state
 
 
-CHECKPOINT_FORMAT = "td3_continuous/1"
+CHECKPOINT_FORMAT = "td3_continuous/2"
 
 
 def crossed(step: int, stride: int, frequency: int) -> bool:
@@ -651,7 +770,10 @@ def select_device(args: Args) -> torch.device:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.compile and not args.eval_only:
+        require_cxx_compiler(device)
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -701,144 +823,316 @@ def eval_only(args: Args) -> dict:
     return summary
 
 
+# BENCHMARK: how fast the update is, and how fast it could be on this machine ------------------------
+def update_flops(obs_dim: int, action_dim: int, hidden: int, batch_size: int, policy_frequency: int) -> float:
+    """Matmul FLOPs of one update (2 per multiply-add), counted layer by layer.
+
+    critic step: target actor and twin target forward, twin forward, twin backward (weight
+    gradients of every layer, input gradients of all but the first); actor step, every
+    policy_frequency-th update: actor and Q1 forward, Q1 backward to its action input,
+    actor backward (weights; inputs of all but the first layer).
+    """
+    actor = [(obs_dim, hidden), (hidden, hidden), (hidden, action_dim)]
+    critic = [(obs_dim + action_dim, hidden), (hidden, hidden), (hidden, 1)]
+    size = lambda layers: sum(n_in * n_out for n_in, n_out in layers)  # noqa: E731
+    critic_step = size(actor) + 2 * size(critic) + 2 * size(critic) + 2 * (size(critic) + size(critic[1:]))
+    actor_step = 2 * size(actor) + size(actor[1:]) + 2 * size(critic)
+    return 2.0 * batch_size * (critic_step + actor_step / policy_frequency)
+
+
+def matmul_gflops(batch_size: int, hidden: int, dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
+    """Throughput of the update's dominant matmul, [batch, hidden] @ [hidden, hidden], in GFLOP/s."""
+    a = torch.randn(batch_size, hidden, device=device).to(dtype)
+    b = torch.randn(hidden, hidden, device=device).to(dtype)
+    for _ in range(20):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(50):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        count += 50
+    return 2.0 * batch_size * hidden * hidden * count / (time.perf_counter() - start) / 1e9
+
+
+def benchmark(args: Args) -> dict:
+    """--benchmark: the machine's matmul ceiling, the bare update (no env) with these arguments
+    against the plain eager fp32 update, and a short run's learning-phase SPS.
+
+    The two updates run in alternating blocks in one process: on a shared machine the speed
+    drifts by 10-30% within minutes, so numbers from separate runs are not comparable.
+    """
+    device = select_device(args)
+    seed_everything(args.seed)
+    env = make_checked_env(args.env_id)
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    low, high = env.action_space.low, env.action_space.high
+    env.close()
+    variants = {"these arguments": args, "eager fp32": dataclasses.replace(args, compile=False, bf16=False)}
+    agents = {name: TD3(obs_dim, low, high, a, device) for name, a in variants.items()}
+    hidden = agents["eager fp32"].actor.fc2.in_features
+    result = {"env_id": args.env_id, "threads": torch.get_num_threads(), "compile": args.compile, "bf16": args.bf16,
+              "fp32_matmul_gflops": matmul_gflops(args.batch_size, hidden, torch.float32, device)}
+    try:
+        result["bf16_matmul_gflops"] = matmul_gflops(args.batch_size, hidden, torch.bfloat16, device)
+    except RuntimeError:  # no bf16 matmul on this device
+        result["bf16_matmul_gflops"] = None
+    rb = ReplayBuffer(10_000, obs_dim, action_dim, device)
+    rb.add(np.random.randn(10_000, obs_dim), np.random.randn(10_000, obs_dim),
+           np.random.uniform(low, high, (10_000, action_dim)), np.random.randn(10_000), np.zeros(10_000))
+    result["compile_seconds"] = agents["these arguments"].compile_now(args.batch_size)
+    rates = {name: [] for name in agents}
+    for _ in range(7):
+        for name, agent in agents.items():
+            start = time.perf_counter()
+            for _ in range(200):
+                agent.update(rb.sample(args.batch_size))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates[name].append(200 / (time.perf_counter() - start))
+    result["updates_per_second"] = float(np.median(rates["these arguments"]))
+    result["eager_fp32_updates_per_second"] = float(np.median(rates["eager fp32"]))
+    flops = update_flops(obs_dim, action_dim, hidden, args.batch_size, args.policy_frequency)
+    result["update_gflop"] = flops / 1e9
+    result["update_gflops"] = flops * result["updates_per_second"] / 1e9
+    result["share_of_fp32_ceiling"] = result["update_gflops"] / result["fp32_matmul_gflops"]
+    with tempfile.TemporaryDirectory() as runs_dir:
+        run = main(dataclasses.replace(args, benchmark=False, runs_dir=runs_dir, learning_starts=1000,
+                                       total_timesteps=4000, eval_frequency=4000, eval_episodes=1,
+                                       checkpoint_frequency=0, save_model=False))
+    result["sps_learning_phase"] = run["sps_learning_phase"]
+    print_benchmark(result, args, hidden)
+    return result
+
+
+def print_benchmark(result: dict, args: Args, hidden: int) -> None:
+    bf16 = result["bf16_matmul_gflops"]
+    print(f"matmul [{args.batch_size}x{hidden}]@[{hidden}x{hidden}]: fp32 {result['fp32_matmul_gflops']:.0f} GFLOP/s, "
+          f"bf16 {f'{bf16:.0f} GFLOP/s' if bf16 else 'n/a'} ({result['threads']} threads)")
+    print(f"bare update (compile {args.compile}, bf16 {args.bf16}; compiled in {result['compile_seconds']:.1f} s): "
+          f"{result['updates_per_second']:.0f} updates/s x {result['update_gflop']:.3f} GFLOP = "
+          f"{result['update_gflops']:.0f} GFLOP/s, {100 * result['share_of_fp32_ceiling']:.0f}% of the fp32 matmul rate")
+    print(f"bare update, eager fp32, in alternating blocks with the above: "
+          f"{result['eager_fp32_updates_per_second']:.0f} updates/s "
+          f"(x{result['updates_per_second'] / result['eager_fp32_updates_per_second']:.2f})")
+    print(f"learning-phase SPS of a 4000-step run (learning from step 1000): {result['sps_learning_phase']:.0f}")
+
+
+class RunFolder:
+    """Everything a training run writes and counts: TensorBoard, evaluations.csv, the audit JSON
+    files, progress lines, checkpoint.pt, model.pt and summary.json.
+
+    `progress` is the run's bookkeeping (steps, episodes, evaluation history, learning-phase
+    clock); it goes into every checkpoint, so a resumed run counts every step once.
+    """
+
+    def __init__(self, args: Args, agent: TD3, rb: ReplayBuffer, envs, resume_state: Optional[dict]):
+        self.args, self.agent, self.rb, self.envs = args, agent, rb, envs
+        self.progress = {"global_step": 0, "episodes": 0, "eval_history": [], "saturation_history": [],
+                         "wall_time_s": 0.0, "learn_seconds": 0.0, "learn_steps": 0}
+        purge_step = None
+        if resume_state is None:
+            self.dir = os.path.join(args.runs_dir, f"{args.env_id.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+            os.makedirs(self.dir, exist_ok=True)
+        else:
+            self.dir = os.path.dirname(os.path.abspath(args.resume))
+            self.progress.update(resume_state["progress"], global_step=resume_state["global_step"])
+            purge_step = self.global_step + 1  # TensorBoard drops events logged after the checkpoint
+            print(f"resuming {self.dir} at step {self.global_step} with the arguments saved in the checkpoint")
+        self.csv_path = os.path.join(self.dir, "evaluations.csv")
+        write_evaluations_csv(self.csv_path, self.progress["eval_history"])
+        self.writer = SummaryWriter(self.dir, purge_step=purge_step)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        self.feature_names = [f"obs_{i}" for i in range(rb.obs_dim)]
+        self.start_time, self.start_step, self.last_progress = time.time(), self.global_step, time.time()
+        self.wall_before = self.progress["wall_time_s"]
+
+    @property
+    def global_step(self) -> int:
+        return self.progress["global_step"]
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.time() - self.start_time
+
+    def learning_sps(self) -> float:
+        seconds = self.progress["learn_seconds"]
+        return self.progress["learn_steps"] / seconds if seconds > 0 else 0.0
+
+    def count_step(self, seconds: Optional[float]) -> None:
+        """One loop iteration (num_envs env steps); `seconds` is its time if it was a learning step."""
+        self.progress["global_step"] += self.args.num_envs
+        if seconds is not None:
+            self.progress["learn_seconds"] += seconds
+            self.progress["learn_steps"] += self.args.num_envs
+
+    def log_episode(self, episodic_return: float, length: int) -> None:
+        self.progress["episodes"] += 1
+        self.writer.add_scalar("charts/episodic_return", episodic_return, self.global_step)
+        self.writer.add_scalar("charts/episodic_length", length, self.global_step)
+
+    def log_update(self, metrics: dict) -> None:
+        """CleanRL's loss curves, read back only every LOG_EVERY_UPDATES updates (.item() syncs)."""
+        if self.agent.n_updates % LOG_EVERY_UPDATES:
+            return
+        step, add = self.global_step, self.writer.add_scalar
+        q_means, qf_losses = metrics["q_means"].tolist(), metrics["qf_losses"].tolist()
+        add("losses/qf1_values", q_means[0], step)
+        add("losses/qf2_values", q_means[1], step)
+        add("losses/qf1_loss", qf_losses[0], step)
+        add("losses/qf2_loss", qf_losses[1], step)
+        add("losses/qf_loss", metrics["qf_loss"].item() / 2.0, step)
+        if "actor_loss" in metrics:
+            add("losses/actor_loss", metrics["actor_loss"].item(), step)
+        add("charts/SPS", int(self.learning_sps()), step)
+
+    def evaluate(self, eval_env: gym.Env) -> None:
+        """Evaluate, audit, log and write the per-evaluation files (not counted as learning time)."""
+        args, agent, step = self.args, self.agent, self.global_step
+        result = evaluate(agent, eval_env, args.eval_episodes, args.seed + 100, args.gamma)
+        audit = actor_critic_audit(agent, result["obs"])
+        row = {"global_step": step, "eval_return_mean": result["mean"], "eval_return_std": result["std"],
+               "value_bias": result["value_bias"], "wall_time_s": round(self.wall_time(), 2)}
+        self.progress["eval_history"].append(row)
+        self.progress["saturation_history"].append({"global_step": step, **audit})
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=EVAL_CSV_FIELDS).writerow(row)
+        self.writer.add_scalar("eval/episodic_return", result["mean"], step)
+        self.writer.add_scalar("eval/episodic_return_std", result["std"], step)
+        if result["value_bias"] is not None:
+            self.writer.add_scalar("eval/value_bias", result["value_bias"], step)
+        for key in ("near_bound_ratio", "kappa_mean", "actor_grad_norm", "q_twin_gap"):
+            self.writer.add_scalar(f"audit/{key}", audit[key], step)
+        write_json_atomic(os.path.join(self.dir, "td3_action_saturation.json"), {
+            "near_bound_threshold": NEAR_BOUND, "collapse_threshold": COLLAPSE_RATIO,
+            "agents": {"td3": {"summary": audit, "history": self.progress["saturation_history"]}}})
+        raw = self.rb.obs[: self.rb.size : max(1, self.rb.size // 100_000)]
+        pre = scale_stats(raw.cpu().numpy(), self.feature_names)
+        post = scale_stats(agent.norm(raw).cpu().numpy(), self.feature_names)
+        write_json_atomic(os.path.join(self.dir, "state_scale_summary.json"), {
+            "mode": "running_zscore" if args.state_norm else "none", "log_volume": False,
+            "feature_names": self.feature_names,
+            "fit_sample_count": agent.normalizer.count if agent.normalizer is not None else 0,
+            "pre_stats": pre, "post_stats": post,
+            "p99_abs_spread": {"pre": p99_abs_spread(pre), "post": p99_abs_spread(post)}})
+        self.print_progress()
+
+    def print_progress(self) -> None:
+        history, args = self.progress["eval_history"], self.args
+        last = f"{history[-1]['eval_return_mean']:.1f}" if history else "-"
+        sps = self.learning_sps()
+        if sps > 0:
+            rate, eta = f"learning SPS {sps:.0f}", format_eta((args.total_timesteps - self.global_step) / sps)
+        else:  # uniform-random phase: no update timed yet, so no honest ETA
+            elapsed = max(time.time() - self.start_time, 1e-9)
+            rate = f"random-phase SPS {(self.global_step - self.start_step) / elapsed:.0f}"
+            eta = "? (learning not started)"
+        print(f"step {self.global_step}/{args.total_timesteps} | {rate} | last eval {last} | ETA {eta}", flush=True)
+        self.last_progress = time.time()
+
+    def after_step(self, eval_env: gym.Env) -> None:
+        """Evaluate, print progress and checkpoint when their step (or time) has come."""
+        step, n, args = self.global_step, self.args.num_envs, self.args
+        if crossed(step, n, args.eval_frequency) or step >= args.total_timesteps:
+            self.evaluate(eval_env)
+        elif time.time() - self.last_progress > PROGRESS_EVERY_SECONDS:
+            self.print_progress()
+        if crossed(step, n, args.checkpoint_frequency):
+            self.save_checkpoint()
+
+    def model_state(self) -> dict:
+        """What model.pt holds; checkpoint.pt adds the buffer, RNG states and run progress."""
+        return {"format": CHECKPOINT_FORMAT, "args": asdict(self.args), "global_step": self.global_step,
+                "agent": self.agent.state_dict()}
+
+    def save_checkpoint(self) -> None:
+        self.progress["wall_time_s"] = self.wall_time()
+        save_torch_atomic(os.path.join(self.dir, "checkpoint.pt"), {
+            **self.model_state(), "buffer": self.rb.state_dict(), "progress": self.progress,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "action_space": self.envs.action_space.np_random.bit_generator.state}})
+
+    def finish(self, compile_seconds: float) -> dict:
+        """summary.json (and model.pt with --save-model), then the closing line."""
+        history, saturation = self.progress["eval_history"], self.progress["saturation_history"]
+        last10 = [row["eval_return_mean"] for row in history[-10:]]
+        summary = {
+            "env_id": self.args.env_id, "seed": self.args.seed, "global_step": self.global_step,
+            "episodes": self.progress["episodes"], "updates": self.agent.n_updates,
+            "eval_return_last": history[-1]["eval_return_mean"],
+            "eval_return_std_last": history[-1]["eval_return_std"],
+            "eval_return_mean_last10": float(np.mean(last10)),
+            "value_bias_last": history[-1]["value_bias"],
+            "sps_learning_phase": round(self.learning_sps(), 1),
+            "compile_seconds": round(compile_seconds, 2),
+            "wall_time_s": round(self.wall_time(), 2),
+            "audit": saturation[-1], "run_dir": self.dir,
+        }
+        if self.args.save_model:
+            save_torch_atomic(os.path.join(self.dir, "model.pt"), self.model_state())
+        write_json_atomic(os.path.join(self.dir, "summary.json"), summary)
+        self.writer.close()
+        print(f"done: {self.global_step} steps, last eval {summary['eval_return_last']:.1f}, "
+              f"mean of last {len(last10)} evals {summary['eval_return_mean_last10']:.1f}, "
+              f"learning SPS {summary['sps_learning_phase']:.0f} -> {self.dir}")
+        return summary
+
+
+def load_resume(args: Args) -> tuple[Args, Optional[dict]]:
+    """--resume PATH: the checkpoint and the arguments saved in it (None, args without --resume)."""
+    if not args.resume:
+        return args, None
+    state = load_torch_file(args.resume, "--resume")
+    if "buffer" not in state:
+        raise UserError(f"'{args.resume}' is a model file without replay buffer; resume needs a "
+                        "checkpoint.pt written with --checkpoint-frequency N")
+    return dataclasses.replace(Args(**state["args"]), resume=args.resume), state
+
+
+def start_or_restore(envs, agent: TD3, rb: ReplayBuffer, args: Args, resume_state: Optional[dict]):
+    """First observations of a new run, or a checkpoint's networks, buffer and RNG states."""
+    if resume_state is None:
+        envs.action_space.seed(args.seed)
+        return envs.reset(seed=args.seed)[0]
+    agent.load_state_dict(resume_state["agent"])
+    rb.load_state_dict(resume_state["buffer"])
+    rng = resume_state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    envs.action_space.np_random.bit_generator.state = rng["action_space"]
+    # The env state itself cannot be saved (MuJoCo), so the episode in progress at the
+    # checkpoint is cut: fresh episodes start from a seed that depends on the step.
+    return envs.reset(seed=args.seed + resume_state["global_step"])[0]
+
+
 def main(args: Args) -> dict:
     """Train TD3 (or evaluate with --eval-only); returns the summary also written to summary.json."""
     validate_args(args)
     if args.eval_only:
         return eval_only(args)
-
-    resume_state = None
-    if args.resume:
-        resume_state = load_torch_file(args.resume, "--resume")
-        if "buffer" not in resume_state:
-            raise UserError(f"'{args.resume}' is a model file without replay buffer; resume needs a "
-                            "checkpoint.pt written with --checkpoint-frequency N")
-        args = dataclasses.replace(Args(**resume_state["args"]), resume=args.resume)
-
+    if args.benchmark:
+        return benchmark(args)
+    args, resume_state = load_resume(args)
     device = select_device(args)
     seed_everything(args.seed)
     envs = make_checked_env(args.env_id, num_envs=args.num_envs)
     obs_dim = envs.single_observation_space.shape[0]
-    action_low, action_high = envs.single_action_space.low, envs.single_action_space.high
-    agent = TD3(obs_dim, action_low, action_high, args, device)
-    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, len(action_low), device)
-
-    # Run state, all of it in the checkpoint so a resumed run counts every step once.
-    global_step, episodes, eval_history, saturation_history = 0, 0, [], []
-    wall_before, learn_seconds_before, learn_steps_before = 0.0, 0.0, 0
-    if resume_state is None:
-        run_dir = os.path.join(args.runs_dir, f"{args.env_id.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
-        os.makedirs(run_dir, exist_ok=True)
-        obs, _ = envs.reset(seed=args.seed)
-        envs.action_space.seed(args.seed)
-        purge_step = None
-    else:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-        agent.load_state_dict(resume_state["agent"])
-        rb.load_state_dict(resume_state["buffer"])
-        progress = resume_state["progress"]
-        global_step, episodes = resume_state["global_step"], progress["episodes"]
-        eval_history, saturation_history = progress["eval_history"], progress["saturation_history"]
-        wall_before, learn_seconds_before = progress["wall_time_s"], progress["learn_seconds"]
-        learn_steps_before = progress["learn_steps"]
-        # The env state itself cannot be saved (MuJoCo), so the episode in progress at the
-        # checkpoint is cut: fresh episodes start from a seed that depends on the step.
-        obs, _ = envs.reset(seed=args.seed + global_step)
-        rng = resume_state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        envs.action_space.np_random.bit_generator.state = rng["action_space"]
-        purge_step = global_step + 1  # TensorBoard drops events logged after the checkpoint
-        write_evaluations_csv(os.path.join(run_dir, "evaluations.csv"), eval_history)
-        print(f"resuming {run_dir} at step {global_step} with the arguments saved in the checkpoint")
-
-    writer = SummaryWriter(run_dir, purge_step=purge_step)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    eval_env = make_eval_env(args, run_dir)
-    feature_names = [f"obs_{i}" for i in range(obs_dim)]
-    csv_path = os.path.join(run_dir, "evaluations.csv")
-    if resume_state is None:
-        write_evaluations_csv(csv_path, [])
-
-    ep_returns = np.zeros(args.num_envs)
-    ep_lengths = np.zeros(args.num_envs, dtype=int)
+    agent = TD3(obs_dim, envs.single_action_space.low, envs.single_action_space.high, args, device)
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, envs.single_action_space.shape[0], device)
+    run = RunFolder(args, agent, rb, envs, resume_state)
+    obs = start_or_restore(envs, agent, rb, args, resume_state)
+    eval_env = make_eval_env(args, run.dir)
+    compile_seconds = agent.compile_now(args.batch_size)
+    ep_returns, ep_lengths = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
     prev_done = np.zeros(args.num_envs, dtype=bool)
-    start_time, start_step = time.time(), global_step
-    learn_seconds, learn_steps, last_progress = 0.0, 0, time.time()
 
-    def learning_sps() -> float:
-        seconds = learn_seconds_before + learn_seconds
-        return (learn_steps_before + learn_steps) / seconds if seconds > 0 else 0.0
-
-    def run_evaluation() -> None:
-        """Evaluate, audit, log and write the per-eval files (not counted as learning time)."""
-        result = evaluate(agent, eval_env, args.eval_episodes, args.seed + 100, args.gamma)
-        audit = actor_critic_audit(agent, result["obs"])
-        wall = wall_before + time.time() - start_time
-        row = {"global_step": global_step, "eval_return_mean": result["mean"], "eval_return_std": result["std"],
-               "value_bias": result["value_bias"], "wall_time_s": round(wall, 2)}
-        eval_history.append(row)
-        saturation_history.append({"global_step": global_step, **audit})
-        with open(csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=EVAL_CSV_FIELDS).writerow(row)
-        writer.add_scalar("eval/episodic_return", result["mean"], global_step)
-        writer.add_scalar("eval/episodic_return_std", result["std"], global_step)
-        if result["value_bias"] is not None:
-            writer.add_scalar("eval/value_bias", result["value_bias"], global_step)
-        for key in ("near_bound_ratio", "kappa_mean", "actor_grad_norm", "q_twin_gap"):
-            writer.add_scalar(f"audit/{key}", audit[key], global_step)
-        write_json_atomic(os.path.join(run_dir, "td3_action_saturation.json"), {
-            "near_bound_threshold": NEAR_BOUND, "collapse_threshold": COLLAPSE_RATIO,
-            "agents": {"td3": {"summary": saturation_history[-1], "history": saturation_history}}})
-        raw = rb.obs[: rb.size : max(1, rb.size // 100_000)]
-        pre = scale_stats(raw.cpu().numpy(), feature_names)
-        post = scale_stats(agent.norm(raw).cpu().numpy(), feature_names)
-        write_json_atomic(os.path.join(run_dir, "state_scale_summary.json"), {
-            "mode": "running_zscore" if args.state_norm else "none", "log_volume": False,
-            "feature_names": feature_names,
-            "fit_sample_count": agent.normalizer.count if agent.normalizer is not None else 0,
-            "pre_stats": pre, "post_stats": post,
-            "p99_abs_spread": {"pre": p99_abs_spread(pre), "post": p99_abs_spread(post)}})
-
-    def model_state() -> dict:
-        """What model.pt holds; checkpoint.pt adds the buffer, RNG states and run progress."""
-        return {"format": CHECKPOINT_FORMAT, "args": asdict(args), "global_step": global_step,
-                "agent": agent.state_dict()}
-
-    def save_checkpoint() -> None:
-        save_torch_atomic(os.path.join(run_dir, "checkpoint.pt"), {
-            **model_state(), "buffer": rb.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "action_space": envs.action_space.np_random.bit_generator.state},
-            "progress": {"episodes": episodes, "eval_history": eval_history,
-                         "saturation_history": saturation_history,
-                         "wall_time_s": wall_before + time.time() - start_time,
-                         "learn_seconds": learn_seconds_before + learn_seconds,
-                         "learn_steps": learn_steps_before + learn_steps}})
-
-    def print_progress() -> None:
-        last = f"{eval_history[-1]['eval_return_mean']:.1f}" if eval_history else "-"
-        sps = learning_sps()
-        if sps > 0:
-            rate = f"learning SPS {sps:.0f}"
-            eta = format_eta((args.total_timesteps - global_step) / sps)
-        else:  # uniform-random phase: no update timed yet, so no honest ETA
-            rate = f"random-phase SPS {(global_step - start_step) / max(time.time() - start_time, 1e-9):.0f}"
-            eta = "? (learning not started)"
-        print(f"step {global_step}/{args.total_timesteps} | {rate} | last eval {last} | ETA {eta}", flush=True)
-
-    while global_step < args.total_timesteps:
-        learning = global_step >= args.learning_starts
+    while run.global_step < args.total_timesteps:
+        learning = run.global_step >= args.learning_starts
         iteration_start = time.perf_counter()
-        # ALGO LOGIC: put action logic here
-        if learning:
-            actions = agent.act(obs, args.exploration_noise)
-        else:
-            actions = envs.action_space.sample()
+        # ALGO LOGIC: put action logic here (uniform random actions until learning starts)
+        actions = agent.act(obs, args.exploration_noise) if learning else envs.action_space.sample()
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
-        global_step += args.num_envs
-
         real_next_obs, keep = transitions_to_store(next_obs, terminations, truncations, infos,
                                                    envs.metadata["autoreset_mode"], prev_done)
         rb.add(obs[keep], real_next_obs[keep], actions[keep], rewards[keep], terminations[keep])
@@ -848,9 +1142,7 @@ def main(args: Args) -> dict:
         ep_lengths[keep] += 1
         prev_done = terminations | truncations
         for i in np.flatnonzero(prev_done):
-            episodes += 1
-            writer.add_scalar("charts/episodic_return", ep_returns[i], global_step)
-            writer.add_scalar("charts/episodic_length", ep_lengths[i], global_step)
+            run.log_episode(ep_returns[i], ep_lengths[i])
             ep_returns[i], ep_lengths[i] = 0.0, 0
         obs = next_obs
 
@@ -858,50 +1150,13 @@ def main(args: Args) -> dict:
         if learning:
             for _ in range(args.num_envs):
                 metrics = agent.update(rb.sample(args.batch_size))
-                if agent.n_updates % LOG_EVERY_UPDATES == 0:
-                    writer.add_scalar("losses/qf1_values", metrics["q_means"][0].item(), global_step)
-                    writer.add_scalar("losses/qf2_values", metrics["q_means"][1].item(), global_step)
-                    writer.add_scalar("losses/qf1_loss", metrics["qf_losses"][0].item(), global_step)
-                    writer.add_scalar("losses/qf2_loss", metrics["qf_losses"][1].item(), global_step)
-                    writer.add_scalar("losses/qf_loss", metrics["qf_loss"].item() / 2.0, global_step)
-                    if "actor_loss" in metrics:
-                        writer.add_scalar("losses/actor_loss", metrics["actor_loss"].item(), global_step)
-                    writer.add_scalar("charts/SPS", int(learning_sps()), global_step)
-            learn_seconds += time.perf_counter() - iteration_start
-            learn_steps += args.num_envs
-
-        if crossed(global_step, args.num_envs, args.eval_frequency) or global_step >= args.total_timesteps:
-            run_evaluation()
-            print_progress()
-            last_progress = time.time()
-        elif time.time() - last_progress > PROGRESS_EVERY_SECONDS:
-            print_progress()
-            last_progress = time.time()
-        if crossed(global_step, args.num_envs, args.checkpoint_frequency):
-            save_checkpoint()
+                run.log_update(metrics)
+        run.count_step(time.perf_counter() - iteration_start if learning else None)
+        run.after_step(eval_env)
 
     envs.close()
     eval_env.close()
-    last10 = [row["eval_return_mean"] for row in eval_history[-10:]]
-    summary = {
-        "env_id": args.env_id, "seed": args.seed, "global_step": global_step, "episodes": episodes,
-        "updates": agent.n_updates,
-        "eval_return_last": eval_history[-1]["eval_return_mean"],
-        "eval_return_std_last": eval_history[-1]["eval_return_std"],
-        "eval_return_mean_last10": float(np.mean(last10)),
-        "value_bias_last": eval_history[-1]["value_bias"],
-        "sps_learning_phase": round(learning_sps(), 1),
-        "wall_time_s": round(wall_before + time.time() - start_time, 2),
-        "audit": saturation_history[-1], "run_dir": run_dir,
-    }
-    if args.save_model:
-        save_torch_atomic(os.path.join(run_dir, "model.pt"), model_state())
-    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
-    writer.close()
-    print(f"done: {global_step} steps, last eval {summary['eval_return_last']:.1f}, "
-          f"mean of last {len(last10)} evals {summary['eval_return_mean_last10']:.1f}, "
-          f"learning SPS {summary['sps_learning_phase']:.0f} -> {run_dir}")
-    return summary
+    return run.finish(compile_seconds)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +48,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -65,6 +67,8 @@ class Args:
     """if toggled, cuda is used when available"""
     threads: int = 0
     """torch intra-op threads (0 keeps torch's default, one per core)"""
+    compile: bool = True
+    """torch.compile the critic step, the actor step and the RND step, each into one graph (~10 s once each)"""
     runs_dir: str = "runs"
     """root folder of the run folders"""
     save_model: bool = False
@@ -468,16 +472,11 @@ class Actor(nn.Module):
         self.register_buffer("action_scale", (high - low) / 2.0)
         self.register_buffer("action_bias", (high + low) / 2.0)
 
-    def pre_activation(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.fc_mu(F.relu(self.fc2(F.relu(self.fc1(obs)))))
-
-    def forward_with_preactivation(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pi(s), u): the action and the pre-tanh output u it came from (kappa = 1 - tanh(u)^2)."""
-        u = self.pre_activation(obs)
-        return torch.tanh(u) * self.action_scale + self.action_bias, u
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_preactivation(obs)[0]
+    def forward(self, obs: torch.Tensor, with_preactivation: bool = False):
+        """pi(s); with_preactivation: (pi(s), u), u the pre-tanh output (kappa = 1 - tanh(u)^2)."""
+        u = self.fc_mu(F.relu(self.fc2(F.relu(self.fc1(obs)))))
+        action = torch.tanh(u) * self.action_scale + self.action_bias
+        return (action, u) if with_preactivation else action
 
 
 class TwinQ(nn.Module):
@@ -516,30 +515,30 @@ class TwinQ(nn.Module):
 
 # REPLAY BUFFER ----------------------------------------------------------------------------------
 class ReplayBuffer:
-    """Preallocated tensors, ring-indexed, sampled with the agent's own torch generator."""
+    """Ring buffer of rows [obs | next_obs | action | reward | terminated] in one preallocated
+    tensor: a step is one row write, a batch one gather (with the agent's own generator)."""
 
     def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device):
         self.capacity, self.device = capacity, device
-        self.obs = torch.zeros(capacity, obs_dim, device=device)
-        self.next_obs = torch.zeros(capacity, obs_dim, device=device)
-        self.actions = torch.zeros(capacity, action_dim, device=device)
-        self.rewards = torch.zeros(capacity, device=device)
-        self.terminations = torch.zeros(capacity, device=device)
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.storage = torch.zeros(capacity, 2 * obs_dim + action_dim + 2, device=device)
         self.pos, self.size = 0, 0
 
+    @property
+    def obs(self) -> torch.Tensor:
+        return self.storage[:, :self.obs_dim]
+
     def add(self, obs, next_obs, action, reward: float, terminated: bool) -> None:
-        i = self.pos
-        self.obs[i] = torch.as_tensor(obs, device=self.device)
-        self.next_obs[i] = torch.as_tensor(next_obs, device=self.device)
-        self.actions[i] = torch.as_tensor(action, device=self.device)
-        self.rewards[i] = reward
-        self.terminations[i] = float(terminated)
+        self.storage[self.pos] = torch.as_tensor(np.concatenate(
+            [obs, next_obs, np.reshape(action, -1), [reward, float(terminated)]]), dtype=torch.float32)
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size: int, generator: torch.Generator):
-        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=generator)
-        return self.obs[idx], self.actions[idx], self.rewards[idx], self.terminations[idx], self.next_obs[idx]
+        """(obs, actions, rewards, terminations, next_obs) as views of the sampled rows."""
+        rows = self.storage[torch.randint(0, self.size, (batch_size,), device=self.device, generator=generator)]
+        o, a = self.obs_dim, self.action_dim
+        return rows[:, :o], rows[:, 2 * o:2 * o + a], rows[:, -2], rows[:, -1], rows[:, o:2 * o]
 
 
 # NORMALIZER -------------------------------------------------------------------------------------
@@ -554,7 +553,8 @@ class StateNormalizer:
                  clip: float = 10.0):
         self.center, self.scale = center.astype(np.float64), scale.astype(np.float64)
         self.log_volume, self.kind, self.fit_count, self.clip = log_volume, kind, fit_count, clip
-        self._center_t = self._scale_t = None
+        self._center_t = torch.as_tensor(self.center, dtype=torch.float32)
+        self._scale_t = torch.as_tensor(self.scale, dtype=torch.float32)
 
     @staticmethod
     def transform_raw(x, log_volume: bool):
@@ -580,9 +580,8 @@ class StateNormalizer:
         return cls(center, scale, log_volume, kind, len(states))
 
     def __call__(self, obs: torch.Tensor) -> torch.Tensor:
-        if self._center_t is None or self._center_t.device != obs.device:
-            self._center_t = torch.as_tensor(self.center, dtype=torch.float32, device=obs.device)
-            self._scale_t = torch.as_tensor(self.scale, dtype=torch.float32, device=obs.device)
+        if self._center_t.device != obs.device:  # moved once, on the first call on a GPU
+            self._center_t, self._scale_t = self._center_t.to(obs.device), self._scale_t.to(obs.device)
         return ((self.transform_raw(obs, self.log_volume) - self._center_t) / self._scale_t).clamp(-self.clip, self.clip)
 
     def state_dict(self) -> dict:
@@ -613,6 +612,44 @@ def reference_states(env: TradingEnv, seed: int) -> np.ndarray:
             obs, _ = env.reset(options={"start": env.t})
 
 
+# OPTIMIZER --------------------------------------------------------------------------------------
+def require_cxx_compiler(device: torch.device) -> None:
+    """torch.compile on CPU builds C++ kernels: say so at start, not with a traceback at the first update."""
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise UserError("--compile on CPU needs a C++ compiler (e.g. apt install g++); or pass --no-compile")
+
+
+class Adam:
+    """Adam (Kingma & Ba, 2015) on a list of tensors, in place, in eight foreach ops.
+
+    Written out instead of torch.optim.Adam so that a whole step -- loss, gradient and
+    optimizer -- is a pure tensor function that torch.compile turns into one graph; at 32-wide
+    networks the optimizer's Python bookkeeping costs more than its arithmetic. The step count
+    is a 0-dim tensor, so a compiled graph does not recompile as it counts.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.step_count = torch.zeros((), device=params[0].device)
+        for state in (*self.exp_avg, *self.exp_avg_sq, self.step_count):
+            # fixed addresses, as torch.optim does for compiled optimizers: a CUDA graph may then
+            # update these tensors in place instead of refusing a graph with mutated inputs
+            torch._dynamo.mark_static_address(state)
+
+    def step(self, grads: list[torch.Tensor]) -> None:
+        b1, b2 = self.betas
+        self.step_count.add_(1)
+        torch._foreach_lerp_(self.exp_avg, grads, 1 - b1)  # m <- b1 m + (1 - b1) g
+        torch._foreach_mul_(self.exp_avg_sq, b2)  # v <- b2 v + (1 - b2) g^2
+        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - b2)
+        # bias-corrected step: theta -= lr/(1 - b1^t) * m / (sqrt(v/(1 - b2^t)) + eps)
+        denom = torch._foreach_div(torch._foreach_sqrt(self.exp_avg_sq), (1 - b2 ** self.step_count).sqrt())
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(self.params, torch._foreach_mul(self.exp_avg, -self.lr / (1 - b1 ** self.step_count)), denom)
+
+
 # INTRINSIC REWARD -------------------------------------------------------------------------------
 class RunningMeanStd:
     """Running mean/variance (Chan et al.'s parallel update) of a batch of vectors, float64."""
@@ -620,7 +657,10 @@ class RunningMeanStd:
     def __init__(self, dim: int, device: torch.device):
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
         self.var = torch.ones(dim, dtype=torch.float64, device=device)
-        self.count = 0
+        # A tensor updated in place, so the compiled RND step neither recompiles as it counts nor
+        # loses the state it mutates. Shape (1,), not 0-dim: torch.compile (2.13) silently drops
+        # in-place updates of a 0-dim float64 CPU tensor.
+        self.count = torch.zeros(1, dtype=torch.float64, device=device)
 
     def update(self, batch: torch.Tensor) -> None:
         batch = batch.detach().to(torch.float64)
@@ -628,9 +668,9 @@ class RunningMeanStd:
         total = self.count + n
         delta = batch.mean(0) - self.mean
         m2 = self.var * self.count + batch.var(0, unbiased=False) * n + delta.square() * (self.count * n / total)
-        self.mean = self.mean + delta * (n / total)
-        self.var = m2 / total
-        self.count = total
+        self.mean.add_(delta * (n / total))
+        self.var.copy_(m2 / total)
+        self.count.add_(n)
 
     @property
     def std(self) -> torch.Tensor:
@@ -664,32 +704,41 @@ class RND:
             return net.to(device)
         self.kind = kind
         self.target = mlp().requires_grad_(False)
-        self.predictor = mlp()
-        self.optimizer = torch.optim.Adam(self.predictor.parameters(), lr=lr)
+        self.predictor = mlp().requires_grad_(False)  # gradients come from torch.func.grad
+        self.predictor_params = dict(self.predictor.named_parameters())
+        self.optimizer = Adam(list(self.predictor_params.values()), lr)
         self.input_stats = RunningMeanStd(in_dim, device)
         self.error_stats = RunningMeanStd(1, device)
 
     def inputs(self, obs: torch.Tensor, actions: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
         return next_obs if self.kind == "rnd" else torch.cat([obs, actions], dim=-1)
 
-    def _error(self, x: torch.Tensor) -> torch.Tensor:
+    def _error(self, x: torch.Tensor, predictor_params: Optional[dict] = None) -> torch.Tensor:
         x = ((x - self.input_stats.mean.float()) / self.input_stats.std).clamp(-5.0, 5.0)
-        return (self.predictor(x) - self.target(x)).square().mean(dim=-1)
+        prediction = torch.func.functional_call(self.predictor, predictor_params or self.predictor_params, (x,))
+        return (prediction - self.target(x)).square().mean(dim=-1)
 
     def prediction_error(self, obs, actions, next_obs) -> torch.Tensor:
         """Squared error of the predictor on normalized, clipped inputs (the novelty signal)."""
         return self._error(self.inputs(obs, actions, next_obs))
 
     def bonus(self, obs, actions, next_obs) -> torch.Tensor:
-        """r_int for a training batch: update the input stats, score, train the predictor on it."""
+        """r_int for a training batch: update the input stats, score, train the predictor on it.
+
+        Pure tensor code (no Python state changes), so it runs inside the agent's compiled critic step.
+        """
         x = self.inputs(obs, actions, next_obs)
         self.input_stats.update(x)
-        error = self._error(x)
-        self.optimizer.zero_grad(set_to_none=True)
-        error.mean().backward()
-        self.optimizer.step()
-        self.error_stats.update(error.detach()[:, None])
-        return error.detach() / self.error_stats.std
+
+        def loss(predictor_params):
+            error = self._error(x, predictor_params)
+            return error.mean(), error
+
+        grads, (_, error) = torch.func.grad_and_value(loss, has_aux=True)(self.predictor_params)
+        with torch.no_grad():
+            self.optimizer.step(list(grads.values()))
+        self.error_stats.update(error[:, None])
+        return error / self.error_stats.std
 
 
 class IntrinsicReward:
@@ -698,17 +747,19 @@ class IntrinsicReward:
 
     def __init__(self, rnd: RND, coef: float, device: torch.device):
         self.rnd, self.coef = rnd, coef
-        self.delta_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.batches = 0
+        # tensors updated in place (shape (1,): see RunningMeanStd.count), so the hook can run
+        # inside the compiled critic step
+        self.delta_sum = torch.zeros(1, dtype=torch.float64, device=device)
+        self.batches = torch.zeros(1, dtype=torch.float64, device=device)
 
     def __call__(self, obs, actions, rewards, next_obs) -> torch.Tensor:
         r_tot = rewards + self.coef * self.rnd.bonus(obs, actions, next_obs)
-        self.delta_sum += (r_tot - rewards).mean()
-        self.batches += 1
+        self.delta_sum.add_((r_tot - rewards).mean())
+        self.batches.add_(1)
         return r_tot
 
     def mean_delta(self) -> float:
-        return float(self.delta_sum) / max(self.batches, 1)
+        return float(self.delta_sum) / max(float(self.batches), 1.0)
 
 
 # ALGO LOGIC: TD3 --------------------------------------------------------------------------------
@@ -752,24 +803,37 @@ class TD3:
     """
 
     def __init__(self, obs_dim: int, args: Args, device: torch.device, normalizer: Optional[StateNormalizer],
-                 seed: int):
+                 seed: int, reward_fn=None):
         torch.manual_seed(seed)  # identical initial weights for every agent of a paired run
         low, high = np.array([-1.0], np.float32), np.array([1.0], np.float32)
         self.args, self.device, self.normalizer = args, device, normalizer
+        # reward_fn(obs, actions, rewards, next_obs) -> r_tot is the hook where an intrinsic reward
+        # enters: the buffer stores r_env, r_tot is computed fresh on every sampled batch.
+        self.reward_fn = reward_fn
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.actor = Actor(obs_dim, low, high, args.hidden_size).to(device)
-        self.qf = TwinQ(obs_dim, 1, args.hidden_size).to(device)
-        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
-        self.qf_target = copy.deepcopy(self.qf).requires_grad_(False)
+        # requires_grad off: gradients come from torch.func.grad, so autograd need not record
+        # every forward (acting, evaluation, targets) for a backward that never comes.
+        self.actor = Actor(obs_dim, low, high, args.hidden_size).to(device).requires_grad_(False)
+        self.qf = TwinQ(obs_dim, 1, args.hidden_size).to(device).requires_grad_(False)
+        self.actor_target = copy.deepcopy(self.actor)
+        self.qf_target = copy.deepcopy(self.qf)
         self.action_low = torch.as_tensor(low, device=device)
         self.action_high = torch.as_tensor(high, device=device)
-        self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=args.learning_rate, fused=True)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=True)
+        self.actor_params = dict(self.actor.named_parameters())
+        self.qf_params = dict(self.qf.named_parameters())
+        self.q_optimizer = Adam(list(self.qf_params.values()), args.learning_rate)
+        self.actor_optimizer = Adam(list(self.actor_params.values()), args.learning_rate)
         self.n_updates = 0
         self.preactivation_penalty = preactivation_penalty(args)
         self._sources = list(self.actor.parameters()) + list(self.qf.parameters())
         self._targets = list(self.actor_target.parameters()) + list(self.qf_target.parameters())
-        self._actor_params = list(self.actor.parameters())
+        self.critic_step, self.actor_step = self._critic_step, self._actor_step
+        if args.compile:  # each step one graph (the reward hook included): inductor fuses the many
+            # small ops of 32-wide networks, and the RND bonus costs no extra Python round trip
+            if device.type == "cpu":  # the graph's launcher in C++ too: no Python between kernels
+                torch._inductor.config.cpp_wrapper = True
+            self.critic_step = torch.compile(self._critic_step, fullgraph=True)
+            self.actor_step = torch.compile(self._actor_step, fullgraph=True)
 
     def norm(self, obs: torch.Tensor) -> torch.Tensor:
         return obs if self.normalizer is None else self.normalizer(obs)
@@ -786,42 +850,55 @@ class TD3:
             self.args.exploration_noise * self.actor.action_scale)
         return torch.clamp(a, self.action_low, self.action_high).cpu().numpy()
 
-    def update(self, batch, reward_fn=None) -> dict:
-        """One critic step (+ actor and targets every policy_frequency-th call).
-
-        reward_fn(obs, actions, rewards, next_obs) -> r_tot is the hook where an intrinsic reward
-        enters: the buffer stores r_env, r_tot is computed fresh on every sampled batch.
-        """
+    def update(self, batch) -> dict:
+        """One critic step (+ actor and targets every policy_frequency-th call), on raw observations."""
         obs, actions, rewards, terminations, next_obs = batch
-        if reward_fn is not None:
-            rewards = reward_fn(obs, actions, rewards, next_obs)
+        noise = smoothing_noise(actions, self.args.policy_noise, self.args.noise_clip, self.actor.action_scale,
+                                self.generator)
+        qf_losses, q_means, rewards = self.critic_step(obs, actions, rewards, terminations, next_obs, noise)
+        self.n_updates += 1
+        metrics = {"qf_losses": qf_losses, "q_means": q_means, "rewards": rewards}
+        if self.n_updates % self.args.policy_frequency == 0:  # delayed policy updates
+            metrics["actor_loss"] = self.actor_step(obs)
+        return metrics
+
+    def _critic_step(self, obs, actions, rewards, terminations, next_obs, noise):
+        """r_tot from the hook, then the clipped double-Q regression of both critics on the smoothed
+        target and one Adam step. Returns the losses, the mean Q values and r_tot."""
+        if self.reward_fn is not None:
+            rewards = self.reward_fn(obs, actions, rewards, next_obs)
         obs, next_obs = self.norm(obs), self.norm(next_obs)
         with torch.no_grad():
-            noise = smoothing_noise(actions, self.args.policy_noise, self.args.noise_clip, self.actor.action_scale,
-                                    self.generator)
             y = td3_target(self.actor_target, self.qf_target, next_obs, rewards, terminations, noise,
                            self.args.gamma, self.action_low, self.action_high)
-        q = self.qf(obs, actions)
-        qf_losses = (q - y).square().mean(dim=1)
-        qf_loss = qf_losses.sum()
-        self.q_optimizer.zero_grad(set_to_none=True)
-        qf_loss.backward()
-        self.q_optimizer.step()
-        self.n_updates += 1
-        metrics = {"qf_losses": qf_losses.detach(), "q_means": q.detach().mean(dim=1), "rewards": rewards}
-        if self.n_updates % self.args.policy_frequency == 0:  # delayed policy updates
-            actions_pi, pre = self.actor.forward_with_preactivation(obs)
+
+        def loss(qf_params):
+            q = torch.func.functional_call(self.qf, qf_params, (obs, actions))
+            qf_losses = (q - y).square().mean(dim=1)
+            return qf_losses.sum(), (qf_losses, q.mean(dim=1))
+
+        grads, (_, (qf_losses, q_means)) = torch.func.grad_and_value(loss, has_aux=True)(self.qf_params)
+        with torch.no_grad():
+            self.q_optimizer.step(list(grads.values()))
+        return qf_losses, q_means, rewards
+
+    def _actor_step(self, obs):
+        """Policy gradient through Q1 (+ the pre-activation penalty), one Adam step, Polyak targets."""
+        obs = self.norm(obs)
+
+        def loss(actor_params):
+            actions_pi, pre = torch.func.functional_call(self.actor, actor_params, (obs,), {"with_preactivation": True})
             actor_loss = -self.qf.q1(obs, actions_pi).mean()
             if self.preactivation_penalty:  # at the bound kappa ~ 0 and the critic's gradient no longer
                 # reaches the actor; beta * u^2 pulls it back, and inside the bound it is tiny
                 actor_loss = actor_loss + self.preactivation_penalty * pre.square().mean()
-            self.actor_optimizer.zero_grad(set_to_none=True)
-            actor_loss.backward(inputs=self._actor_params)
-            self.actor_optimizer.step()
-            with torch.no_grad():
-                soft_update_(self._targets, self._sources, self.args.tau)
-            metrics["actor_loss"] = actor_loss.detach()
-        return metrics
+            return actor_loss
+
+        grads, actor_loss = torch.func.grad_and_value(loss)(self.actor_params)
+        with torch.no_grad():
+            self.actor_optimizer.step(list(grads.values()))
+            soft_update_(self._targets, self._sources, self.args.tau)
+        return actor_loss
 
     def state_dict(self) -> dict:
         return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(),
@@ -1048,6 +1125,7 @@ class TrainingLog:
                              "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
         self.ep_return, self.ep_length, self.history = 0.0, 0, []
         self.learn_seconds, self.learn_steps = 0.0, 0
+        self.first_update_seconds: Optional[float] = None
         self.start = self.last_print = time.time()
         self.clock = time.perf_counter()
 
@@ -1088,7 +1166,9 @@ class TrainingLog:
     def end_step(self, step: int, learning: bool) -> None:
         """Close the step on the learning-phase clock (evaluation excluded) and print progress now and then."""
         now = time.perf_counter()
-        if learning:
+        if learning and self.first_update_seconds is None:  # with --compile: the compile, timed on its own
+            self.first_update_seconds = now - self.clock
+        elif learning:
             self.learn_seconds += now - self.clock
             self.learn_steps += 1
         self.clock = now
@@ -1148,7 +1228,7 @@ def train_agent(name: str, args: Args, data: MarketData, normalizer: Optional[St
     random.seed(args.seed)
     np.random.seed(args.seed)
     obs_dim = len(FEATURE_NAMES)
-    agent = TD3(obs_dim, args, device, normalizer, args.seed)
+    agent = TD3(obs_dim, args, device, normalizer, args.seed, reward_fn=intrinsic)
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, 1, device)
     env = make_env(data, data.splits["train"], args, training=True)
     val_env = make_env(data, data.splits["val"], args, training=False)
@@ -1165,7 +1245,7 @@ def train_agent(name: str, args: Args, data: MarketData, normalizer: Optional[St
         obs = env.reset()[0] if terminated or truncated else next_obs
         # ALGO LOGIC: one TD3 update per env step; r_tot = r_env + w * r_int is made per sampled batch
         if learning:
-            log.update(agent.update(rb.sample(args.batch_size, agent.generator), intrinsic), agent, intrinsic,
+            log.update(agent.update(rb.sample(args.batch_size, agent.generator)), agent, intrinsic,
                        global_step)
         if global_step % args.eval_frequency == 0 or global_step == args.total_timesteps:
             val_results.append(evaluate(agent, val_env, args))
@@ -1174,7 +1254,8 @@ def train_agent(name: str, args: Args, data: MarketData, normalizer: Optional[St
         log.end_step(global_step, learning)
     log.close()
     return {"agent": agent, "best": best, "history": log.history, "val_results": val_results, "intrinsic": intrinsic,
-            "sps_learning_phase": log.sps, "wall_time_s": time.time() - log.start}
+            "sps_learning_phase": log.sps, "first_update_seconds": log.first_update_seconds,
+            "wall_time_s": time.time() - log.start}
 
 
 def agent_names(args: Args) -> list[str]:
@@ -1328,6 +1409,8 @@ def main(args: Args) -> dict:
     device = setup_torch(args)
     if args.eval_only:
         return evaluate_checkpoint(args, device)
+    if args.compile:
+        require_cxx_compiler(device)
     data = prepare_data(args, *load_market(args))
     check_split_lengths(data, args, ("train", "val", "test"))
     # --state-norm: fitted once on a random-action rollout over the train split, then frozen.
@@ -1391,6 +1474,7 @@ def main(args: Args) -> dict:
                "paired": None if saturation["paired"] is None else {k: v for k, v in saturation["paired"].items() if k != "history"},
                "diagnosis": saturation["diagnosis"], "distribution_shift": report["distribution_shift"],
                "sps_learning_phase": {name: round(t["sps_learning_phase"], 1) for name, t in trained.items()},
+               "first_update_seconds": {name: round(t["first_update_seconds"] or 0.0, 2) for name, t in trained.items()},
                "wall_time_s": round(time.time() - start, 2)}
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     print_table(report["eval"], summary["saturation_test"], summary["selected_step"], summary["paired"],

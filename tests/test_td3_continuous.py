@@ -22,8 +22,9 @@ SCRIPT = os.path.join(ROOT, "td3_continuous.py")
 
 
 def small_args(tmp_path, **overrides) -> td3.Args:
+    """Short runs, eager: the compiled update is tested where it matters (determinism, learning)."""
     base = dict(env_id="Pendulum-v1", total_timesteps=1200, learning_starts=400, eval_frequency=600,
-                eval_episodes=2, runs_dir=str(tmp_path), cuda=False)
+                eval_episodes=2, runs_dir=str(tmp_path), cuda=False, compile=False)
     base.update(overrides)
     return td3.Args(**base)
 
@@ -71,7 +72,7 @@ def test_polyak_step_by_hand():
 
 
 def make_agent(**overrides):
-    args = td3.Args(cuda=False, **overrides)
+    args = td3.Args(**{"cuda": False, "compile": False, **overrides})
     torch.manual_seed(0)
     return td3.TD3(3, np.array([-2.0], np.float32), np.array([1.0], np.float32), args, torch.device("cpu"))
 
@@ -103,8 +104,54 @@ def test_delayed_actor_and_target_updates_count_and_polyak():
     for seed in range(3, 8):  # 7 updates in all: actor steps at 2, 4, 6
         agent.update(random_batch(seed=seed))
     assert agent.n_updates == 7
-    assert agent.q_optimizer.state[next(agent.qf.parameters())]["step"].item() == 7
-    assert agent.actor_optimizer.state[next(agent.actor.parameters())]["step"].item() == 3
+    assert agent.q_optimizer.step_count.item() == 7
+    assert agent.actor_optimizer.step_count.item() == 3
+
+
+def test_adam_matches_torch_optim_adam():
+    torch.manual_seed(0)
+    ours = [torch.randn(4, 3), torch.randn(5)]
+    theirs = [p.clone().requires_grad_(True) for p in ours]
+    adam, reference = td3.Adam(ours, lr=1e-2), torch.optim.Adam(theirs, lr=1e-2, foreach=False)
+    for _ in range(20):
+        grads = [torch.randn_like(p) for p in ours]
+        adam.step(grads)
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        reference.step()
+    for p, q in zip(ours, theirs):
+        assert torch.allclose(p, q.detach(), atol=1e-6)
+        assert not torch.allclose(p, torch.zeros_like(p))
+
+
+def test_compiled_update_matches_eager_update():
+    eager, compiled = make_agent(policy_frequency=2), make_agent(policy_frequency=2, compile=True)
+    assert compiled.compile_now(32) > 0  # compiles, then puts every tensor back
+    assert torch.equal(flat(compiled.qf), flat(eager.qf)) and compiled.n_updates == 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        m_eager = eager.update(random_batch(seed=seed))
+        torch.manual_seed(seed)
+        m_compiled = compiled.update(random_batch(seed=seed))
+        assert torch.allclose(m_eager["qf_loss"], m_compiled["qf_loss"], rtol=1e-4)
+    # same math, different kernels: equal up to float rounding after two actor steps
+    for name in ("actor", "qf", "actor_target", "qf_target"):
+        a, b = flat(getattr(eager, name)), flat(getattr(compiled, name))
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert not torch.equal(flat(eager.actor), flat(make_agent().actor))
+
+
+def test_update_flops_match_torch_flop_counter():
+    """The benchmark's FLOP formula against torch's own count of the matmuls one update runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    agent = make_agent(policy_frequency=2, batch_size=32)
+    with FlopCounterMode(display=False) as counter:
+        agent.update(random_batch(n=32, seed=1))  # critic step
+        agent.update(random_batch(n=32, seed=2))  # critic and actor step
+    expected = 2 * td3.update_flops(obs_dim=3, action_dim=1, hidden=256, batch_size=32, policy_frequency=2)
+    assert counter.get_total_flops() == expected
+    # Hopper at batch 256: about 0.40 GFLOP per update (the issue's estimate was ~0.42)
+    assert td3.update_flops(11, 3, 256, 256, 2) / 1e9 == pytest.approx(0.4038, abs=1e-4)
 
 
 def test_twin_q_q1_matches_first_critic_and_critics_differ():
@@ -214,9 +261,8 @@ def test_main_on_tiny_env_stores_only_real_transitions_and_writes_run_folder(tmp
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     buf = ckpt["buffer"]
     assert buf["size"] == 600  # SAME_STEP autoreset: every env step is a real transition
-    check_counting_transitions(buf["obs"].numpy(), buf["next_obs"].numpy(), buf["rewards"].numpy(),
-                               buf["terminations"].numpy())
-    acts = buf["actions"].numpy()
+    obs, acts, rewards, terminations, next_obs = (x.numpy() for x in td3.batch_fields(buf["storage"], 2, 2))
+    check_counting_transitions(obs, next_obs, rewards, terminations)
     assert np.all(acts >= tiny_envs.ACTION_LOW) and np.all(acts <= tiny_envs.ACTION_HIGH)
     assert np.any(acts[400:] != acts[400:].round())  # exploration actions were stored too
 
@@ -294,13 +340,27 @@ def test_bad_values_raise_user_error_in_process(tmp_path):
             td3.main(small_args(tmp_path, **bad))
 
 
+def test_compile_without_a_cxx_compiler_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(td3.shutil, "which", lambda name: None)  # a machine without g++
+    with pytest.raises(td3.UserError, match="--no-compile"):
+        td3.main(small_args(tmp_path / "runs", compile=True))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_checkpoint_of_the_previous_format_is_refused_by_name(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"format": "td3_continuous/1", "args": {}}, path)
+    with pytest.raises(td3.UserError, match="format td3_continuous/1; this one reads td3_continuous/2"):
+        td3.main(td3.Args(eval_only=True, checkpoint=str(path), runs_dir=str(tmp_path), cuda=False))
+
+
 # --- whole runs ---------------------------------------------------------------------------------
 def test_same_seed_gives_identical_numbers(tmp_path):
-    a = td3.main(small_args(tmp_path / "a", seed=3, state_norm=True))
-    b = td3.main(small_args(tmp_path / "b", seed=3, state_norm=True))
+    a = td3.main(small_args(tmp_path / "a", seed=3, state_norm=True, compile=True))  # the default path
+    b = td3.main(small_args(tmp_path / "b", seed=3, state_norm=True, compile=True))
     for key in ("eval_return_last", "eval_return_mean_last10", "episodes", "audit"):
         assert a[key] == b[key]
-    c = td3.main(small_args(tmp_path / "c", seed=4, state_norm=True))
+    c = td3.main(small_args(tmp_path / "c", seed=4, state_norm=True, compile=True))
     assert c["eval_return_last"] != a["eval_return_last"]
 
 
@@ -316,7 +376,7 @@ def test_eval_only_reproduces_the_final_evaluation(tmp_path):
 def test_resume_after_interruption_counts_every_step_once(tmp_path):
     argv = ["--env-id", "Pendulum-v1", "--total-timesteps", "4000", "--learning-starts", "500",
             "--eval-frequency", "1000", "--eval-episodes", "1", "--checkpoint-frequency", "1000",
-            "--runs-dir", str(tmp_path), "--no-cuda", "--batch-size", "64"]
+            "--runs-dir", str(tmp_path), "--no-cuda", "--batch-size", "64", "--no-compile"]
     proc = subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     ckpt = None

@@ -365,6 +365,30 @@ def test_rnd_error_falls_on_repeated_inputs_and_stays_higher_on_new_ones():
     assert new > 2 * after  # and novel states keep a higher error
 
 
+def test_compile_without_a_cxx_compiler_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(tr.shutil, "which", lambda name: None)  # a machine without g++
+    with pytest.raises(tr.UserError, match="--no-compile"):
+        tr.main(tr.Args(runs_dir=str(tmp_path / "runs"), cuda=False))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compiled_rnd_step_matches_eager():
+    """The RND step compiled (stats, predictor, Adam in one graph) against the eager one: every
+    in-place state update must survive compilation."""
+    eager = tr.RND("sa-rnd", 8, torch.device("cpu"), seed=0, lr=1e-3)
+    compiled = tr.RND("sa-rnd", 8, torch.device("cpu"), seed=0, lr=1e-3)
+    compiled_bonus = torch.compile(compiled.bonus, fullgraph=True)  # as inside the compiled critic step
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        obs, actions = torch.randn(64, 8, generator=gen) * 2, torch.rand(64, 1, generator=gen) * 2 - 1
+        b_eager, b_compiled = eager.bonus(obs, actions, None), compiled_bonus(obs, actions, None)
+        assert torch.allclose(b_eager, b_compiled, rtol=1e-4, atol=1e-6)
+    assert eager.input_stats.count.item() == compiled.input_stats.count.item() == 320
+    assert torch.allclose(eager.error_stats.var, compiled.error_stats.var, rtol=1e-4)
+    for name, p in eager.predictor.named_parameters():
+        assert torch.allclose(p, compiled.predictor_params[name], atol=1e-6)
+
+
 def test_sa_rnd_bonus_varies_with_the_action_rnd_does_not():
     obs, next_obs = torch.randn(64, 8), torch.randn(64, 8)
     low, high = torch.full((64, 1), -0.8), torch.full((64, 1), 0.8)
@@ -407,9 +431,11 @@ def test_sa_rnd_with_state_norm_moves_the_actions(freeze_runs):
     assert norm["diagnosis"]["code"] in ("R2", "R3")
 
 
-def test_actor_loss_adds_the_preactivation_penalty():
-    """actor_loss = -mean Q1(s, tanh(u)) + beta * mean(u^2), both terms computed here independently."""
-    args = tr.Args(policy_frequency=1, preactivation_penalty=0.25, hidden_size=8)
+@pytest.mark.parametrize("compile_", [False, True])
+def test_actor_loss_adds_the_preactivation_penalty(compile_):
+    """actor_loss = -mean Q1(s, tanh(u)) + beta * mean(u^2), both terms computed here independently,
+    by the eager update and by the compiled one."""
+    args = tr.Args(policy_frequency=1, preactivation_penalty=0.25, hidden_size=8, compile=compile_)
     agent = tr.TD3(8, args, torch.device("cpu"), None, seed=0)
     gen = torch.Generator().manual_seed(1)
     obs, next_obs = torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen)
@@ -496,6 +522,7 @@ def test_distribution_shift_is_named_only_when_test_fails_and_validation_does_no
 def saved_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("saved")
     summary = tr.main(tr.Args(seed=3, state_norm=True, total_timesteps=1500, learning_starts=500, eval_frequency=500,
+                              compile=False,
                               hidden_size=32, market_steps=3000, save_model=True, runs_dir=str(out), cuda=False))
     return summary, out
 
