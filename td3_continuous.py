@@ -532,14 +532,14 @@ class TD3:
             self.q_optimizer.step(list(grads.values()))
         return qf_loss, qf_losses, q_means
 
+    def actor_loss(self, actor_params: dict, obs: torch.Tensor) -> torch.Tensor:
+        """-mean Q1(s, pi(s)) as a function of the actor's parameters (TD3 differentiates Q1 only)."""
+        return -self.qf.q1(obs, torch.func.functional_call(self.actor, actor_params, (obs,))).float().mean()
+
     def _actor_step(self, obs):
         """Deterministic policy gradient through Q1 only, one Adam step, then Polyak targets."""
-        def loss(actor_params):
-            with self.matmul_precision():
-                q1 = self.qf.q1(obs, torch.func.functional_call(self.actor, actor_params, (obs,)))
-            return -q1.float().mean()
-
-        grads, actor_loss = torch.func.grad_and_value(loss)(self.actor_params)
+        with self.matmul_precision():
+            grads, actor_loss = torch.func.grad_and_value(self.actor_loss)(self.actor_params, obs)
         with torch.no_grad():
             self.actor_optimizer.step(list(grads.values()))
             soft_update_(self._targets, self._sources, self.args.tau)
@@ -571,10 +571,10 @@ class TD3:
         start = time.perf_counter()
         saved = copy.deepcopy(self.state_dict())
         obs_dim, action_dim = self.actor.fc1.in_features, len(self.action_low)
-        rows = torch.zeros(batch_size, 2 * obs_dim + action_dim + 2, device=self.device)
+        zeros = ReplayBuffer(batch_size, obs_dim, action_dim, self.device).storage
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             for _ in range(self.args.policy_frequency):
-                self.update(batch_fields(rows, obs_dim, action_dim))
+                self.update(batch_fields(zeros, obs_dim, action_dim))
         self.load_state_dict(saved)
         return time.perf_counter() - start
 
@@ -639,11 +639,7 @@ def p99_abs_spread(stats: dict) -> Optional[float]:
 def actor_critic_audit(agent: TD3, eval_obs: np.ndarray) -> dict:
     """Saturation, kappa, actor gradient norm and twin gap on the (raw) eval states."""
     obs = agent.norm(torch.as_tensor(eval_obs, dtype=torch.float32, device=agent.device))
-
-    def actor_loss(actor_params):
-        return -agent.qf.q1(obs, torch.func.functional_call(agent.actor, actor_params, (obs,))).mean()
-
-    grads = torch.func.grad(actor_loss)(agent.actor_params)
+    grads = torch.func.grad(agent.actor_loss)(agent.actor_params, obs)
     with torch.no_grad():
         actions = agent.actor(obs)
         q = agent.qf(obs, actions)

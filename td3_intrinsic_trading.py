@@ -68,7 +68,7 @@ class Args:
     threads: int = 0
     """torch intra-op threads (0 keeps torch's default, one per core)"""
     compile: bool = True
-    """torch.compile the critic step, the actor step and the RND step, each into one graph (~10 s once each)"""
+    """torch.compile the critic step (the RND bonus included) and the actor step, each into one graph (~10 s once)"""
     runs_dir: str = "runs"
     """root folder of the run folders"""
     save_model: bool = False
@@ -855,7 +855,7 @@ class TD3:
         obs, actions, rewards, terminations, next_obs = batch
         noise = smoothing_noise(actions, self.args.policy_noise, self.args.noise_clip, self.actor.action_scale,
                                 self.generator)
-        qf_losses, q_means, rewards = self.critic_step(obs, actions, rewards, terminations, next_obs, noise)
+        qf_losses, q_means, rewards, obs = self.critic_step(obs, actions, rewards, terminations, next_obs, noise)
         self.n_updates += 1
         metrics = {"qf_losses": qf_losses, "q_means": q_means, "rewards": rewards}
         if self.n_updates % self.args.policy_frequency == 0:  # delayed policy updates
@@ -863,8 +863,9 @@ class TD3:
         return metrics
 
     def _critic_step(self, obs, actions, rewards, terminations, next_obs, noise):
-        """r_tot from the hook, then the clipped double-Q regression of both critics on the smoothed
-        target and one Adam step. Returns the losses, the mean Q values and r_tot."""
+        """r_tot from the hook (on raw states), then the clipped double-Q regression of both critics
+        on the smoothed target and one Adam step. Returns the losses, the mean Q values, r_tot and
+        the normalized states (for the actor step)."""
         if self.reward_fn is not None:
             rewards = self.reward_fn(obs, actions, rewards, next_obs)
         obs, next_obs = self.norm(obs), self.norm(next_obs)
@@ -880,12 +881,11 @@ class TD3:
         grads, (_, (qf_losses, q_means)) = torch.func.grad_and_value(loss, has_aux=True)(self.qf_params)
         with torch.no_grad():
             self.q_optimizer.step(list(grads.values()))
-        return qf_losses, q_means, rewards
+        return qf_losses, q_means, rewards, obs
 
     def _actor_step(self, obs):
-        """Policy gradient through Q1 (+ the pre-activation penalty), one Adam step, Polyak targets."""
-        obs = self.norm(obs)
-
+        """Policy gradient through Q1 (+ the pre-activation penalty) on normalized states, one Adam
+        step, Polyak targets."""
         def loss(actor_params):
             actions_pi, pre = torch.func.functional_call(self.actor, actor_params, (obs,), {"with_preactivation": True})
             actor_loss = -self.qf.q1(obs, actions_pi).mean()
