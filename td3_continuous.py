@@ -25,8 +25,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -81,6 +83,8 @@ class Args:
     """total environment steps of the experiment (summed over --num-envs)"""
     num_envs: int = 1
     """parallel environments; each loop iteration takes one step in each and does as many updates"""
+    hidden_sizes: tuple[int, int] = (256, 256)
+    """widths of the two hidden layers of the actor and of each critic (the 2018 paper: 400 300)"""
     learning_rate: float = 3e-4
     """the learning rate of both optimizers"""
     buffer_size: int = int(1e6)
@@ -113,6 +117,15 @@ class UserError(Exception):
     """A mistake in the command line or inputs: reported as one line on stderr, exit code 2."""
 
 
+class Diverged(Exception):
+    """A loss, a Q-value or a weight stopped being finite: the run ends with status "diverged"."""
+
+
+# How a training run ends: summary.json's "status" and the process's exit code. 130 and 143 are
+# the shell's 128 + signal number, so schedulers and shells read them as SIGINT and SIGTERM.
+EXIT_CODES = {"completed": 0, "diverged": 1, "interrupted": None}  # interrupted: 128 + signal number
+
+
 # Metrics are read back from tensors only every LOG_EVERY_UPDATES updates: `.item()` forces a
 # device sync, so doing it every update would slow the hot path for nothing.
 LOG_EVERY_UPDATES = 100
@@ -120,6 +133,9 @@ LOG_EVERY_UPDATES = 100
 PROGRESS_EVERY_SECONDS = 30.0
 NEAR_BOUND = 0.999  # |a| >= 0.999 a_max counts as "at the bound" (audit, SPEC 3.6)
 COLLAPSE_RATIO = 0.95  # near_bound_ratio at or above this means the actor collapsed to the bound
+# Above these, the divergence message names the learning rate, the reward or the observations as
+# the likely cause (else it lists them all): the usual TD3 scales are lr <= 1e-3, |r| and |s| ~ 1-10.
+DIVERGENCE_HINTS = {"learning_rate": 1e-3, "reward": 100.0, "observation": 100.0}
 VALUE_BIAS_TAIL = 0.01  # value_bias skips states whose unseen tail weight gamma^(T-t) exceeds this
 
 
@@ -146,6 +162,8 @@ def parse_cli(argv: Optional[list[str]] = None) -> Args:
 
 def validate_args(args: Args) -> None:
     """Reject values that would crash later or silently do something else."""
+    if min(args.hidden_sizes) <= 0:
+        raise UserError(f"--hidden-sizes must be two widths > 0, got {' '.join(map(str, args.hidden_sizes))}")
     positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "policy_frequency",
                 "eval_frequency", "eval_episodes", "learning_rate"]
     for name in positive:
@@ -233,11 +251,13 @@ def transitions_to_store(next_obs, terminations, truncations, infos, autoreset_m
 class Actor(nn.Module):
     """pi(s) = tanh(MLP(s)) * action_scale + action_bias: any Box bounds, asymmetric included."""
 
-    def __init__(self, obs_dim: int, action_low: np.ndarray, action_high: np.ndarray, hidden: int = 256):
+    def __init__(self, obs_dim: int, action_low: np.ndarray, action_high: np.ndarray,
+                 hidden_sizes: tuple[int, int] = (256, 256)):
         super().__init__()
-        self.fc1 = nn.Linear(obs_dim, hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.fc_mu = nn.Linear(hidden, len(action_low))
+        h1, h2 = hidden_sizes
+        self.fc1 = nn.Linear(obs_dim, h1)
+        self.fc2 = nn.Linear(h1, h2)
+        self.fc_mu = nn.Linear(h2, len(action_low))
         low = torch.as_tensor(action_low, dtype=torch.float32)
         high = torch.as_tensor(action_high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2.0)
@@ -258,9 +278,9 @@ class TwinQ(nn.Module):
     (U(+-1/sqrt(fan_in)) for weights and biases).
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: int = 256):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, int] = (256, 256)):
         super().__init__()
-        sizes = [obs_dim + action_dim, hidden, hidden, 1]
+        sizes = [obs_dim + action_dim, *hidden_sizes, 1]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
@@ -478,8 +498,8 @@ class TD3:
         self.args, self.device = args, device
         # requires_grad off: gradients come from torch.func.grad, so autograd need not record
         # every forward (acting, evaluation, targets) for a backward that never comes.
-        self.actor = Actor(obs_dim, action_low, action_high).to(device).requires_grad_(False)
-        self.qf = TwinQ(obs_dim, len(action_low)).to(device).requires_grad_(False)
+        self.actor = Actor(obs_dim, action_low, action_high, args.hidden_sizes).to(device).requires_grad_(False)
+        self.qf = TwinQ(obs_dim, len(action_low), args.hidden_sizes).to(device).requires_grad_(False)
         self.actor_target = copy.deepcopy(self.actor)
         self.qf_target = copy.deepcopy(self.qf)
         self.action_low = torch.as_tensor(action_low, dtype=torch.float32, device=device)
@@ -706,30 +726,44 @@ def evaluate(agent: TD3, env: gym.Env, episodes: int, seed: int, gamma: float) -
 
 
 # FILES ------------------------------------------------------------------------------------------
-def write_json_atomic(path: str, obj) -> None:
-    """temp file + os.replace: an interrupted run never leaves half a JSON file."""
+def replace_atomic(path: str, write) -> None:
+    """write(tmp) then os.replace: a reader never sees half a file, and no error (nor a second
+    Ctrl-C) leaves the temp file behind."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj) -> None:
+    text = json.dumps(obj, indent=2, allow_nan=False)  # a NaN fails here, before any file is touched
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    replace_atomic(path, write)
 
 
 def save_torch_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 EVAL_CSV_FIELDS = ["global_step", "eval_return_mean", "eval_return_std", "value_bias", "wall_time_s"]
 
 
 def write_evaluations_csv(path: str, history: list[dict]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=EVAL_CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in EVAL_CSV_FIELDS} for row in history)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=EVAL_CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows({k: row[k] for k in EVAL_CSV_FIELDS} for row in history)
+
+    replace_atomic(path, write)
 
 
 def load_torch_file(path: str, what: str) -> dict:
@@ -820,7 +854,8 @@ def eval_only(args: Args) -> dict:
 
 
 # BENCHMARK: how fast the update is, and how fast it could be on this machine ------------------------
-def update_flops(obs_dim: int, action_dim: int, hidden: int, batch_size: int, policy_frequency: int) -> float:
+def update_flops(obs_dim: int, action_dim: int, hidden_sizes: tuple[int, int], batch_size: int,
+                 policy_frequency: int) -> float:
     """Matmul FLOPs of one update (2 per multiply-add), counted layer by layer.
 
     critic step: target actor and twin target forward, twin forward, twin backward (weight
@@ -828,8 +863,9 @@ def update_flops(obs_dim: int, action_dim: int, hidden: int, batch_size: int, po
     policy_frequency-th update: actor and Q1 forward, Q1 backward to its action input,
     actor backward (weights; inputs of all but the first layer).
     """
-    actor = [(obs_dim, hidden), (hidden, hidden), (hidden, action_dim)]
-    critic = [(obs_dim + action_dim, hidden), (hidden, hidden), (hidden, 1)]
+    h1, h2 = hidden_sizes
+    actor = [(obs_dim, h1), (h1, h2), (h2, action_dim)]
+    critic = [(obs_dim + action_dim, h1), (h1, h2), (h2, 1)]
     size = lambda layers: sum(n_in * n_out for n_in, n_out in layers)  # noqa: E731
     critic_step = size(actor) + 2 * size(critic) + 2 * size(critic) + 2 * (size(critic) + size(critic[1:]))
     actor_step = 2 * size(actor) + size(actor[1:]) + 2 * size(critic)
@@ -867,7 +903,7 @@ def benchmark(args: Args) -> dict:
     env.close()
     variants = {"these arguments": args, "eager fp32": dataclasses.replace(args, compile=False, bf16=False)}
     agents = {name: TD3(obs_dim, low, high, a, device) for name, a in variants.items()}
-    hidden = agents["eager fp32"].actor.fc2.in_features
+    hidden = max(args.hidden_sizes)  # the ceiling: a square matmul as wide as the widest layer
     result = {"env_id": args.env_id, "threads": torch.get_num_threads(), "compile": args.compile, "bf16": args.bf16,
               "fp32_matmul_gflops": matmul_gflops(args.batch_size, hidden, torch.float32, device)}
     try:
@@ -889,7 +925,7 @@ def benchmark(args: Args) -> dict:
             rates[name].append(200 / (time.perf_counter() - start))
     result["updates_per_second"] = float(np.median(rates["these arguments"]))
     result["eager_fp32_updates_per_second"] = float(np.median(rates["eager fp32"]))
-    flops = update_flops(obs_dim, action_dim, hidden, args.batch_size, args.policy_frequency)
+    flops = update_flops(obs_dim, action_dim, args.hidden_sizes, args.batch_size, args.policy_frequency)
     result["update_gflop"] = flops / 1e9
     result["update_gflops"] = flops * result["updates_per_second"] / 1e9
     result["share_of_fp32_ceiling"] = result["update_gflops"] / result["fp32_matmul_gflops"]
@@ -913,6 +949,42 @@ def print_benchmark(result: dict, args: Args, hidden: int) -> None:
           f"{result['eager_fp32_updates_per_second']:.0f} updates/s "
           f"(x{result['updates_per_second'] / result['eager_fp32_updates_per_second']:.2f})")
     print(f"learning-phase SPS of a 4000-step run (learning from step 1000): {result['sps_learning_phase']:.0f}")
+
+
+# FAULTS: a run that diverges or is stopped ends with a status, a summary and what can be kept --------
+class StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers send) only set `signum`: the training loop
+    checks it at each step boundary, so the run can write its summary and checkpoint first.
+    A second signal stops at once (KeyboardInterrupt). Outside the main thread it does nothing.
+    """
+
+    def __enter__(self) -> "StopOnSignal":
+        self.signum: Optional[int] = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def training_values(metrics: dict) -> dict:
+    """The update's losses and mean Q-values as floats (reading them back syncs the device)."""
+    q_means, qf_losses = metrics["q_means"].tolist(), metrics["qf_losses"].tolist()
+    values = {"qf1_values": q_means[0], "qf2_values": q_means[1], "qf1_loss": qf_losses[0], "qf2_loss": qf_losses[1]}
+    if "actor_loss" in metrics:
+        values["actor_loss"] = metrics["actor_loss"].item()
+    return values
 
 
 class RunFolder:
@@ -943,6 +1015,9 @@ class RunFolder:
         self.feature_names = [f"obs_{i}" for i in range(rb.obs_dim)]
         self.start_time, self.start_step, self.last_progress = time.time(), self.global_step, time.time()
         self.wall_before = self.progress["wall_time_s"]
+        self.checkpoint_step = None if resume_state is None else self.global_step  # of the checkpoint.pt on disk
+        self.last_metrics: Optional[dict] = None
+        self.status, self.error, self.signum = "running", None, None
 
     @property
     def global_step(self) -> int:
@@ -968,19 +1043,51 @@ class RunFolder:
         self.writer.add_scalar("charts/episodic_length", length, self.global_step)
 
     def log_update(self, metrics: dict) -> None:
-        """CleanRL's loss curves, read back only every LOG_EVERY_UPDATES updates (.item() syncs)."""
+        """CleanRL's loss curves, read back (and checked for divergence) every LOG_EVERY_UPDATES updates."""
+        self.last_metrics = metrics
         if self.agent.n_updates % LOG_EVERY_UPDATES:
             return
-        step, add = self.global_step, self.writer.add_scalar
-        q_means, qf_losses = metrics["q_means"].tolist(), metrics["qf_losses"].tolist()
-        add("losses/qf1_values", q_means[0], step)
-        add("losses/qf2_values", q_means[1], step)
-        add("losses/qf1_loss", qf_losses[0], step)
-        add("losses/qf2_loss", qf_losses[1], step)
-        add("losses/qf_loss", metrics["qf_loss"].item() / 2.0, step)
-        if "actor_loss" in metrics:
-            add("losses/actor_loss", metrics["actor_loss"].item(), step)
-        add("charts/SPS", int(self.learning_sps()), step)
+        values = training_values(metrics)
+        self.check_finite(values, step=self.global_step + self.args.num_envs)  # the step in progress
+        for name, value in values.items():
+            self.writer.add_scalar(f"losses/{name}", value, self.global_step)
+        self.writer.add_scalar("losses/qf_loss", (values["qf1_loss"] + values["qf2_loss"]) / 2.0, self.global_step)
+        self.writer.add_scalar("charts/SPS", int(self.learning_sps()), self.global_step)
+
+    def check_finite(self, values: Optional[dict] = None, step: Optional[int] = None) -> None:
+        """Raise Diverged if a loss, a mean Q-value (the last update's unless given) or a weight is NaN/inf.
+
+        Runs at every logging interval and before anything is evaluated or saved, so no
+        evaluation, checkpoint or model file ever holds a diverged network.
+        """
+        step = self.global_step if step is None else step
+        if values is None:
+            values = training_values(self.last_metrics) if self.last_metrics is not None else {}
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise Diverged(self.divergence_message(name, value, step))
+        params = list(self.agent.actor_params.values()) + list(self.agent.qf_params.values())
+        if not bool(torch.isfinite(torch.stack([p.sum() for p in params])).all()):
+            raise Diverged(self.divergence_message("a network weight", math.nan, step))
+
+    def divergence_message(self, what: str, value: float, step: int) -> str:
+        """One line: where, what, the likely cause with this run's numbers, and what was kept."""
+        args, stored = self.args, self.rb.storage[: self.rb.size]
+        finite_max = lambda x: float(x[torch.isfinite(x)].abs().max()) if x.numel() else 0.0  # noqa: E731
+        max_reward, max_obs = finite_max(stored[:, -2]), finite_max(stored[:, : self.rb.obs_dim])
+        causes = {  # cause: whether this run's numbers point at it
+            f"too high a learning rate (--learning-rate {args.learning_rate:g}; the default is 3e-4)":
+                args.learning_rate > DIVERGENCE_HINTS["learning_rate"],
+            f"the reward scale (|reward| up to {max_reward:.3g})": max_reward > DIVERGENCE_HINTS["reward"],
+        }
+        if not args.state_norm:  # never advise an option the run already uses
+            causes[f"unnormalized inputs (|observation| up to {max_obs:.3g}; try --state-norm)"] = \
+                max_obs > DIVERGENCE_HINTS["observation"]
+        likely = [cause for cause, flagged in causes.items() if flagged] or list(causes)
+        kept = ("no checkpoint (--checkpoint-frequency N keeps the last finite one)" if self.checkpoint_step is None
+                else f"the last finite checkpoint (step {self.checkpoint_step}) is {os.path.join(self.dir, 'checkpoint.pt')}")
+        return (f"training diverged at step {step}: {what} = {value:g}. "
+                f"Likely cause: {'; or '.join(likely)}. Kept: {kept}")
 
     def evaluate(self, eval_env: gym.Env) -> None:
         """Evaluate, audit, log and write the per-evaluation files (not counted as learning time)."""
@@ -1029,12 +1136,26 @@ class RunFolder:
     def after_step(self, eval_env: gym.Env) -> None:
         """Evaluate, print progress and checkpoint when their step (or time) has come."""
         step, n, args = self.global_step, self.args.num_envs, self.args
-        if crossed(step, n, args.eval_frequency) or step >= args.total_timesteps:
+        evaluate_now = crossed(step, n, args.eval_frequency) or step >= args.total_timesteps
+        checkpoint_now = crossed(step, n, args.checkpoint_frequency)
+        if evaluate_now or checkpoint_now:
+            self.check_finite()
+        if evaluate_now:
             self.evaluate(eval_env)
         elif time.time() - self.last_progress > PROGRESS_EVERY_SECONDS:
             self.print_progress()
-        if crossed(step, n, args.checkpoint_frequency):
+        if checkpoint_now:
             self.save_checkpoint()
+
+    def stopped(self, signum: Optional[int]) -> None:
+        """The loop ended: completed, or interrupted by a signal (then a last checkpoint, if they are on)."""
+        self.check_finite()
+        self.status, self.signum = ("completed", None) if signum is None else ("interrupted", signum)
+        if signum is not None and self.args.checkpoint_frequency > 0:
+            self.save_checkpoint()
+
+    def diverged(self, err: Diverged) -> None:
+        self.status, self.error = "diverged", str(err)
 
     def model_state(self) -> dict:
         """What model.pt holds; checkpoint.pt adds the buffer, RNG states and run progress."""
@@ -1043,35 +1164,56 @@ class RunFolder:
 
     def save_checkpoint(self) -> None:
         self.progress["wall_time_s"] = self.wall_time()
+        self.checkpoint_step = self.global_step
         save_torch_atomic(os.path.join(self.dir, "checkpoint.pt"), {
             **self.model_state(), "buffer": self.rb.state_dict(), "progress": self.progress,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "action_space": self.envs.action_space.np_random.bit_generator.state}})
 
     def finish(self, compile_seconds: float) -> dict:
-        """summary.json (and model.pt with --save-model), then the closing line."""
+        """summary.json (and model.pt with --save-model, unless diverged), then the closing line."""
         history, saturation = self.progress["eval_history"], self.progress["saturation_history"]
+        last = history[-1] if history else {}  # a run may diverge or stop before its first evaluation
         last10 = [row["eval_return_mean"] for row in history[-10:]]
+        exit_code = 128 + self.signum if self.status == "interrupted" else EXIT_CODES[self.status]
         summary = {
-            "env_id": self.args.env_id, "seed": self.args.seed, "global_step": self.global_step,
+            "status": self.status, "exit_code": exit_code, "env_id": self.args.env_id, "seed": self.args.seed,
+            "global_step": self.global_step, "total_timesteps": self.args.total_timesteps,
             "episodes": self.progress["episodes"], "updates": self.agent.n_updates,
-            "eval_return_last": history[-1]["eval_return_mean"],
-            "eval_return_std_last": history[-1]["eval_return_std"],
-            "eval_return_mean_last10": float(np.mean(last10)),
-            "value_bias_last": history[-1]["value_bias"],
+            "eval_return_last": last.get("eval_return_mean"),
+            "eval_return_std_last": last.get("eval_return_std"),
+            "eval_return_mean_last10": float(np.mean(last10)) if last10 else None,
+            "value_bias_last": last.get("value_bias"),
             "sps_learning_phase": round(self.learning_sps(), 1),
             "compile_seconds": round(compile_seconds, 2),
             "wall_time_s": round(self.wall_time(), 2),
-            "audit": saturation[-1], "run_dir": self.dir,
+            "audit": saturation[-1] if saturation else None, "run_dir": self.dir,
+            "checkpoint_step": self.checkpoint_step,
         }
-        if self.args.save_model:
+        if self.error:
+            summary["error"] = self.error
+        if self.signum is not None:
+            summary["signal"] = signal.Signals(self.signum).name
+        if self.args.save_model and self.status != "diverged":
             save_torch_atomic(os.path.join(self.dir, "model.pt"), self.model_state())
         write_json_atomic(os.path.join(self.dir, "summary.json"), summary)
         self.writer.close()
-        print(f"done: {self.global_step} steps, last eval {summary['eval_return_last']:.1f}, "
-              f"mean of last {len(last10)} evals {summary['eval_return_mean_last10']:.1f}, "
-              f"learning SPS {summary['sps_learning_phase']:.0f} -> {self.dir}")
+        self.print_end(summary, len(last10))
         return summary
+
+    def print_end(self, summary: dict, n_last: int) -> None:
+        if self.status == "diverged":
+            print(f"error: {self.error}", file=sys.stderr)
+            return
+        evals = (f"last eval {summary['eval_return_last']:.1f}, mean of last {n_last} evals "
+                 f"{summary['eval_return_mean_last10']:.1f}, " if n_last else "no evaluation yet, ")
+        if self.status == "completed":
+            print(f"done: {self.global_step} steps, {evals}learning SPS {summary['sps_learning_phase']:.0f} -> {self.dir}")
+            return
+        resume = (f"continue with: python td3_continuous.py --resume {os.path.join(self.dir, 'checkpoint.pt')}"
+                  if self.checkpoint_step == self.global_step else "no checkpoint (--checkpoint-frequency N makes a run resumable)")
+        print(f"interrupted by {summary['signal']} at step {self.global_step}/{self.args.total_timesteps}, {evals}"
+              f"{resume}", file=sys.stderr)
 
 
 def load_resume(args: Args) -> tuple[Args, Optional[dict]]:
@@ -1119,36 +1261,41 @@ def main(args: Args) -> dict:
     run = RunFolder(args, agent, rb, envs, resume_state)
     obs = start_or_restore(envs, agent, rb, args, resume_state)
     eval_env = make_eval_env(args, run.dir)
-    compile_seconds = agent.compile_now(args.batch_size)
     ep_returns, ep_lengths = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
     prev_done = np.zeros(args.num_envs, dtype=bool)
 
-    while run.global_step < args.total_timesteps:
-        learning = run.global_step >= args.learning_starts
-        iteration_start = time.perf_counter()
-        # ALGO LOGIC: put action logic here (uniform random actions until learning starts)
-        actions = agent.act(obs, args.exploration_noise) if learning else envs.action_space.sample()
-        next_obs, rewards, terminations, truncations, infos = envs.step(actions)
-        real_next_obs, keep = transitions_to_store(next_obs, terminations, truncations, infos,
-                                                   envs.metadata["autoreset_mode"], prev_done)
-        rb.add(obs[keep], real_next_obs[keep], actions[keep], rewards[keep], terminations[keep])
-        if agent.normalizer is not None:
-            agent.normalizer.update(torch.as_tensor(obs[keep], device=device))
-        ep_returns[keep] += rewards[keep]
-        ep_lengths[keep] += 1
-        prev_done = terminations | truncations
-        for i in np.flatnonzero(prev_done):
-            run.log_episode(ep_returns[i], ep_lengths[i])
-            ep_returns[i], ep_lengths[i] = 0.0, 0
-        obs = next_obs
+    with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish the step, save, exit 130 / 143
+        compile_seconds = agent.compile_now(args.batch_size)
+        try:
+            while run.global_step < args.total_timesteps and stop.signum is None:
+                learning = run.global_step >= args.learning_starts
+                iteration_start = time.perf_counter()
+                # ALGO LOGIC: put action logic here (uniform random actions until learning starts)
+                actions = agent.act(obs, args.exploration_noise) if learning else envs.action_space.sample()
+                next_obs, rewards, terminations, truncations, infos = envs.step(actions)
+                real_next_obs, keep = transitions_to_store(next_obs, terminations, truncations, infos,
+                                                           envs.metadata["autoreset_mode"], prev_done)
+                rb.add(obs[keep], real_next_obs[keep], actions[keep], rewards[keep], terminations[keep])
+                if agent.normalizer is not None:
+                    agent.normalizer.update(torch.as_tensor(obs[keep], device=device))
+                ep_returns[keep] += rewards[keep]
+                ep_lengths[keep] += 1
+                prev_done = terminations | truncations
+                for i in np.flatnonzero(prev_done):
+                    run.log_episode(ep_returns[i], ep_lengths[i])
+                    ep_returns[i], ep_lengths[i] = 0.0, 0
+                obs = next_obs
 
-        # ALGO LOGIC: training (one update per env step, the paper's update-to-data ratio of 1)
-        if learning:
-            for _ in range(args.num_envs):
-                metrics = agent.update(rb.sample(args.batch_size))
-                run.log_update(metrics)
-        run.count_step(time.perf_counter() - iteration_start if learning else None)
-        run.after_step(eval_env)
+                # ALGO LOGIC: training (one update per env step, the paper's update-to-data ratio of 1)
+                if learning:
+                    for _ in range(args.num_envs):
+                        metrics = agent.update(rb.sample(args.batch_size))
+                        run.log_update(metrics)  # also stops a diverging run (NaN/inf) with Diverged
+                run.count_step(time.perf_counter() - iteration_start if learning else None)
+                run.after_step(eval_env)
+            run.stopped(stop.signum)
+        except Diverged as err:
+            run.diverged(err)
 
     envs.close()
     eval_env.close()
@@ -1157,7 +1304,12 @@ def main(args: Args) -> dict:
 
 if __name__ == "__main__":
     try:
-        main(parse_cli())
+        summary = main(parse_cli())
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("error: interrupted; stopped at once, without a summary (the last checkpoint.pt, if any, is intact)",
+              file=sys.stderr)
+        sys.exit(130)
+    sys.exit(summary.get("exit_code", 0))

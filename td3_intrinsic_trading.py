@@ -35,7 +35,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -82,7 +84,11 @@ class Args:
 
     # Market data
     data_csv: Optional[str] = None
-    """OHLCV CSV (Date or Time, Open, High, Low, Close, [Adj Close], Volume); default: synthetic"""
+    """OHLCV CSV (Date or Time, Open, High, Low, Close, [Adj Close], Volume; comma, semicolon or tab);
+    default: synthetic"""
+    accept_suspect_rows: bool = False
+    """--data-csv: keep duplicated timestamps and one-step moves beyond +100%/-90% (stopped as likely
+    errors) when you know the data has them"""
     market_seed: int = 0
     """seed of the synthetic two-regime market (independent of --seed: every seed sees one market)"""
     market_steps: int = 10000
@@ -165,12 +171,56 @@ class UserError(Exception):
     """A mistake in the command line or inputs: reported as one line on stderr, exit code 2."""
 
 
+class Diverged(Exception):
+    """A loss, a Q-value or a weight stopped being finite: the run ends with status "diverged"."""
+
+    def __init__(self, message: str, agent: str, step: int):
+        super().__init__(message)
+        self.agent, self.step = agent, step
+
+
+# How a training run ends: summary.json's "status" and the exit code (interrupted: 128 + signal
+# number, i.e. 130 for SIGINT and 143 for SIGTERM, as a shell reports them).
+EXIT_CODES = {"completed": 0, "diverged": 1}
+
+
+class StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers send) only set `signum`: training stops at
+    the next step boundary and the run still writes summary.json. A second signal stops at once.
+    """
+
+    def __enter__(self) -> "StopOnSignal":
+        self.signum: Optional[int] = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 LOG_EVERY_UPDATES = 100  # read metrics back from tensors only this often: .item() syncs
 PROGRESS_EVERY_SECONDS = 30.0  # a progress line at least this often: long runs never look hung
 NEAR_BOUND = 0.999  # |a| >= 0.999 a_max counts as "at the bound" (SPEC 3.6)
 COLLAPSE_RATIO = 0.95  # near_bound_ratio at or above this: actor_collapse_detected
 WARMUP = 20  # the longest feature window (MA20): the first usable step
 MIN_ROWS = 200  # fewer rows cannot fill three splits after the warm-up
+CSV_DELIMITERS = (",", ";", "\t")
+MISSING_VALUES = {"", "null"}  # what Yahoo-style exports write on holidays: the row is skipped
+MAX_STEP_MOVE, MIN_STEP_MOVE = 1.0, -0.9  # a one-step close move beyond +100% / -90% is likely a data error
+# Above these, the divergence message names the learning rate or the reward as the likely cause
+# (else it lists every cause): this script's scales are lr ~ 3e-5 and |r_tot| ~ 1-10.
+DIVERGENCE_HINTS = {"learning_rate": 1e-3, "reward": 100.0}
 
 
 def parse_cli(argv: Optional[list[str]] = None) -> Args:
@@ -264,15 +314,60 @@ def parse_date(text: str, row: int):
     raise UserError(f"row {row}: date '{text}' is neither ISO (2024-01-31) nor DD.MM.YYYY HH:MM:SS.000")
 
 
-def load_csv(path: str) -> Market:
-    """OHLCV CSV without pandas: columns matched case-insensitively, sorted by date ascending."""
+def read_csv_rows(path: str) -> tuple[list[list[str]], str]:
+    """The cells of a CSV as spreadsheets and data vendors export it, and its delimiter: a UTF-8
+    byte-order mark is dropped; the delimiter (comma, semicolon or tab) is the one the header uses most."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:  # "CSV UTF-8" files start with a BOM
+            text = f.read()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read --data-csv '{path}': {err}") from None
-    if not rows:
+    if not text.strip():
         raise UserError(f"--data-csv '{path}' is empty")
+    header_line = text.lstrip().splitlines()[0]
+    delimiter = max(CSV_DELIMITERS, key=header_line.count)
+    return list(csv.reader(io.StringIO(text.lstrip()), delimiter=delimiter)), delimiter
+
+
+def parse_number(cell: str, name: str, row_no: int, decimal_comma: bool) -> float:
+    if decimal_comma and re.fullmatch(r"-?\d+,\d+", cell):  # 101,5 in a semicolon or tab file (European locales)
+        cell = cell.replace(",", ".")
+    try:
+        value = float(cell)
+    except ValueError:
+        raise UserError(f"row {row_no}: {name} '{cell}' is not a number") from None
+    if not math.isfinite(value):
+        raise UserError(f"row {row_no}: {name} is {cell}; every value must be a finite number")
+    if name == "volume" and value < 0 or name != "volume" and value <= 0:
+        raise UserError(f"row {row_no}: {name} {cell} must be {'>= 0' if name == 'volume' else 'positive'}")
+    return value
+
+
+def suspect_rows(dates: list, row_nos: list[int], close: np.ndarray) -> Optional[str]:
+    """The first likely error of a date-sorted file, or None: a repeated timestamp, or a one-step
+    move of the (adjusted) close beyond +100% / -90% -- a typo, a lost decimal point, an unadjusted split."""
+    repeated = [i for i in range(1, len(dates)) if dates[i] == dates[i - 1]]
+    if repeated:
+        i = repeated[0]
+        more = f" ({len(repeated) - 1} more repeated rows)" if len(repeated) > 1 else ""
+        return f"row {row_nos[i]}: timestamp {dates[i].isoformat()} repeats row {row_nos[i - 1]}{more}"
+    moves = close[1:] / close[:-1] - 1.0
+    jumps = np.flatnonzero((moves > MAX_STEP_MOVE) | (moves < MIN_STEP_MOVE)) + 1
+    if len(jumps):
+        i = jumps[0]
+        more = f" ({len(jumps) - 1} more such moves)" if len(jumps) > 1 else ""
+        return (f"row {row_nos[i]}: close {close[i]:g} is a one-step move of {moves[i - 1]:+.0%} from row "
+                f"{row_nos[i - 1]} ({close[i - 1]:g}){more}")
+    return None
+
+
+def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
+    """OHLCV CSV without pandas: columns matched case-insensitively, sorted by date ascending.
+
+    Rows with an empty or `null` value (market holidays in Yahoo exports) are skipped with one
+    warning; repeated timestamps and implausible one-step moves stop the run unless accepted.
+    """
+    rows, delimiter = read_csv_rows(path)
     header = [h.strip().lower().replace("_", " ") for h in rows[0]]
     col = {}
     for name, options in (("date", ("date", "time", "datetime", "gmt time", "local time")), ("open", ("open",)),
@@ -282,36 +377,39 @@ def load_csv(path: str) -> Market:
         if found:
             col[name] = found[0]
         elif name != "adj close":
-            raise UserError(f"--data-csv '{path}' has no {name} column (header: {', '.join(rows[0])})")
-    records = []
+            raise UserError(f"--data-csv '{path}' has no {name} column (header: {', '.join(rows[0])}; "
+                            f"read as '{delimiter}'-separated)")
+    records, skipped = [], []
     for row_no, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
         if len(row) < len(header):
             raise UserError(f"row {row_no}: {len(row)} fields, the header has {len(header)}")
-        values = {}
-        for name in ("open", "high", "low", "close", "volume", "adj close"):
-            if name not in col:
-                continue
-            cell = row[col[name]].strip()
-            try:
-                value = float(cell)
-            except ValueError:
-                raise UserError(f"row {row_no}: {name} '{cell}' is not a number") from None
-            if not math.isfinite(value):
-                raise UserError(f"row {row_no}: {name} is {cell}; every value must be a finite number")
-            if name == "volume" and value < 0 or name != "volume" and value <= 0:
-                raise UserError(f"row {row_no}: {name} {cell} must be {'>= 0' if name == 'volume' else 'positive'}")
-            values[name] = value
-        records.append((parse_date(row[col["date"]], row_no), values))
+        cells = {name: row[i].strip() for name, i in col.items() if name != "date"}
+        if any(cell.lower() in MISSING_VALUES for cell in cells.values()):
+            skipped.append(row_no)
+            continue
+        values = {name: parse_number(cell, name, row_no, decimal_comma=delimiter != ",") for name, cell in cells.items()}
+        records.append((parse_date(row[col["date"]], row_no), row_no, values))
+    if skipped:
+        print(f"warning: --data-csv '{path}': skipped {len(skipped)} rows with an empty or null value "
+              f"(rows {', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})", file=sys.stderr)
     if len(records) < MIN_ROWS:
-        raise UserError(f"--data-csv '{path}' has {len(records)} data rows; at least {MIN_ROWS} are needed")
+        raise UserError(f"--data-csv '{path}' has {len(records)} data rows"
+                        + (f" once {len(skipped)} with empty or null values are skipped" if skipped else "")
+                        + f"; at least {MIN_ROWS} are needed")
     records.sort(key=lambda r: r[0])  # ascending; a stable sort keeps equal stamps in file order
-    get = lambda name: np.array([v[name] for _, v in records])
+    get = lambda name: np.array([v[name] for _, _, v in records])  # noqa: E731
     close = get("close")
     factor = get("adj close") / close if "adj close" in col else np.ones(len(close))  # splits, dividends
+    suspect = suspect_rows([d for d, _, _ in records], [r for _, r, _ in records], close * factor)
+    if suspect and not accept_suspect_rows:
+        raise UserError(f"{suspect}; fix the file, or pass --accept-suspect-rows if the data is right")
+    if np.ptp(close * factor) == 0:
+        raise UserError(f"--data-csv '{path}': the close is {close[0] * factor[0]:g} on every row; "
+                        "a constant price has nothing to learn or trade")
     return Market(close=close * factor, volume=get("volume"), open=get("open") * factor, high=get("high") * factor,
-                  low=get("low") * factor, dates=[d.isoformat() for d, _ in records])
+                  low=get("low") * factor, dates=[d.isoformat() for d, _, _ in records])
 
 
 def split_bounds(n: int, train_frac: float, val_frac: float) -> dict:
@@ -1023,19 +1121,34 @@ def benchmark_metrics(close: np.ndarray, features: np.ndarray, bounds: tuple, vo
 
 
 # FILES AND PLOTS --------------------------------------------------------------------------------
+def replace_atomic(path: str, write, tmp_suffix: str = ".tmp") -> None:
+    """write(tmp) then os.replace: a reader never sees half a file, and no error (nor a second
+    Ctrl-C) leaves the temp file behind."""
+    tmp = f"{path}{tmp_suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_json_atomic(path: str, obj) -> None:
-    """temp file + os.replace: an interrupted run never leaves half a JSON file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, allow_nan=False)  # a NaN fails here, before any file is touched
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    replace_atomic(path, write)
 
 
 def save_figure(fig, path: str) -> None:
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def plot_equity(results: dict, benchmarks: dict, initial_equity: float, split: str, path: str) -> None:
@@ -1090,7 +1203,7 @@ class MarketData:
 
 def load_market(args: Args) -> tuple[Market, str]:
     if args.data_csv:
-        return load_csv(args.data_csv), os.path.basename(args.data_csv)
+        return load_csv(args.data_csv, args.accept_suspect_rows), os.path.basename(args.data_csv)
     return synthetic_market(args.market_steps, args.market_seed), f"synthetic{args.market_seed}"
 
 
@@ -1115,6 +1228,16 @@ def make_env(data: MarketData, bounds: tuple, args: Args, training: bool) -> Tra
                       initial_equity=args.initial_equity, relative_equity=stationary_layout(args))
 
 
+def training_values(metrics: dict) -> dict:
+    """The update's losses, mean Q-values and max |r_tot| as floats (reading them back syncs)."""
+    q_means, qf_losses = metrics["q_means"].tolist(), metrics["qf_losses"].tolist()
+    values = {"qf1_values": q_means[0], "qf2_values": q_means[1], "qf1_loss": qf_losses[0], "qf2_loss": qf_losses[1],
+              "reward_abs_max": metrics["rewards"].abs().max().item()}
+    if "actor_loss" in metrics:
+        values["actor_loss"] = metrics["actor_loss"].item()
+    return values
+
+
 class TrainingLog:
     """One agent's plumbing: TensorBoard, the learning-phase clock, validation history, progress lines."""
 
@@ -1124,6 +1247,7 @@ class TrainingLog:
         self.writer.add_text("hyperparameters",
                              "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
         self.ep_return, self.ep_length, self.history = 0.0, 0, []
+        self.last_metrics: Optional[dict] = None
         self.learn_seconds, self.learn_steps = 0.0, 0
         self.first_update_seconds: Optional[float] = None
         self.start = self.last_print = time.time()
@@ -1138,17 +1262,43 @@ class TrainingLog:
             self.ep_return, self.ep_length = 0.0, 0
 
     def update(self, metrics: dict, agent: "TD3", intrinsic: Optional[IntrinsicReward], step: int) -> None:
+        """CleanRL's loss curves, read back (and checked for divergence) every LOG_EVERY_UPDATES updates."""
+        self.last_metrics = metrics
         if agent.n_updates % LOG_EVERY_UPDATES:
             return  # reading a tensor back (.item()) waits for it: only every LOG_EVERY_UPDATES updates
-        for i in (0, 1):
-            self.writer.add_scalar(f"losses/qf{i + 1}_values", metrics["q_means"][i].item(), step)
-            self.writer.add_scalar(f"losses/qf{i + 1}_loss", metrics["qf_losses"][i].item(), step)
-        self.writer.add_scalar("losses/qf_loss", metrics["qf_losses"].mean().item(), step)
-        if "actor_loss" in metrics:
-            self.writer.add_scalar("losses/actor_loss", metrics["actor_loss"].item(), step)
+        values = training_values(metrics)
+        self.check_finite(agent, step, values)
+        for name, value in values.items():
+            if name != "reward_abs_max":
+                self.writer.add_scalar(f"losses/{name}", value, step)
+        self.writer.add_scalar("losses/qf_loss", (values["qf1_loss"] + values["qf2_loss"]) / 2, step)
         self.writer.add_scalar("charts/SPS", int(self.sps), step)
         if intrinsic is not None:
             self.writer.add_scalar("charts/intrinsic_mean_delta", intrinsic.mean_delta(), step)
+
+    def check_finite(self, agent: "TD3", step: int, values: Optional[dict] = None) -> None:
+        """Raise Diverged if a loss, a mean Q-value, r_tot (the last update's unless given) or a
+        weight is NaN/inf: at every logging interval and before every evaluation."""
+        if values is None:
+            values = training_values(self.last_metrics) if self.last_metrics is not None else {}
+        bad = next(((name, value) for name, value in values.items() if not math.isfinite(value)), None)
+        params = list(agent.actor_params.values()) + list(agent.qf_params.values())
+        if bad is None and not bool(torch.isfinite(torch.stack([p.sum() for p in params])).all()):
+            bad = ("a network weight", math.nan)
+        if bad is None:
+            return
+        causes = {  # cause: whether this run's numbers point at it
+            f"too high a learning rate (--learning-rate {self.args.learning_rate:g}; the default is 3e-5)":
+                self.args.learning_rate > DIVERGENCE_HINTS["learning_rate"],
+            f"the reward scale (|r_tot| up to {values.get('reward_abs_max', math.nan):.3g}; --reward-scale "
+            f"{self.args.reward_scale:g}, --intrinsic-coef {self.args.intrinsic_coef:g})":
+                values.get("reward_abs_max", 0.0) > DIVERGENCE_HINTS["reward"],
+        }
+        if not self.args.state_norm:  # never advise an option the run already uses
+            causes["unnormalized inputs (price and equity levels ~1e2-1e5; use --state-norm)"] = True
+        likely = [cause for cause, flagged in causes.items() if flagged] or list(causes)
+        raise Diverged(f"[{self.name}] training diverged at step {step}: {bad[0]} = {bad[1]:g}. "
+                       f"Likely cause: {'; or '.join(likely)}", self.name, step)
 
     def evaluation(self, result: dict, intrinsic: Optional[IntrinsicReward], step: int) -> dict:
         entry = {"global_step": step, **result["saturation"], "val_sharpe": result["metrics"]["sharpe"],
@@ -1219,8 +1369,12 @@ class BestCheckpoint:
 
 
 def train_agent(name: str, args: Args, data: MarketData, normalizer: Optional[StateNormalizer],
-                device: torch.device, run_dir: str, intrinsic: Optional[IntrinsicReward] = None) -> dict:
+                device: torch.device, run_dir: str, intrinsic: Optional[IntrinsicReward] = None,
+                stop: Optional[StopOnSignal] = None) -> dict:
     """Train one agent on the train split; evaluate on the validation split every eval_frequency steps.
+
+    Stops early, at a step boundary, when `stop` has caught a signal ("steps" says how far it got);
+    raises Diverged when training stops being finite.
 
     Every agent of a run starts from the same seeds (weights, noise, replay indices, episode
     starts), so the only difference between the baseline and the intrinsic agent is w * r_int.
@@ -1235,7 +1389,10 @@ def train_agent(name: str, args: Args, data: MarketData, normalizer: Optional[St
     env.action_space.seed(args.seed)
     log, best, val_results = TrainingLog(name, args, run_dir), BestCheckpoint(), []
     obs, _ = env.reset(seed=args.seed)
+    steps_done = 0
     for global_step in range(1, args.total_timesteps + 1):
+        if stop is not None and stop.signum is not None:
+            break
         learning = global_step > args.learning_starts
         # ALGO LOGIC: act (uniform random, then pi(s) + exploration noise), step, store r_env
         action = agent.explore(obs[None])[0] if learning else env.action_space.sample()
@@ -1248,12 +1405,14 @@ def train_agent(name: str, args: Args, data: MarketData, normalizer: Optional[St
             log.update(agent.update(rb.sample(args.batch_size, agent.generator)), agent, intrinsic,
                        global_step)
         if global_step % args.eval_frequency == 0 or global_step == args.total_timesteps:
+            log.check_finite(agent, global_step)  # never evaluate (or keep as best) a diverged network
             val_results.append(evaluate(agent, val_env, args))
             entry = log.evaluation(val_results[-1], intrinsic, global_step)
             best.offer(entry["val_sharpe"], agent, global_step)
         log.end_step(global_step, learning)
+        steps_done = global_step
     log.close()
-    return {"agent": agent, "best": best, "history": log.history, "val_results": val_results, "intrinsic": intrinsic,
+    return {"steps": steps_done, "agent": agent, "best": best, "history": log.history, "val_results": val_results, "intrinsic": intrinsic,
             "sps_learning_phase": log.sps, "first_update_seconds": log.first_update_seconds,
             "wall_time_s": time.time() - log.start}
 
@@ -1274,8 +1433,21 @@ def paired_metrics(base: dict, intr: dict) -> dict:
             "q1_delta_mean": intr["q1_mean"] - base["q1_mean"]}
 
 
-def diagnose(paired: dict, near_bound: float, initial_equity: float, shift: Optional[str] = None) -> dict:
-    """R1-R4 of SPEC 3.6, plus what to change (a distribution shift, when found, comes first)."""
+def input_fix(args: Args) -> Optional[str]:
+    """The input change that can free an actor stuck at its bound, or None if the run already has it
+    (advice never tells a run to use an option it already uses)."""
+    if not args.state_norm:
+        return "use --state-norm"
+    if not stationary_layout(args):
+        return "make the levels relative (drop --no-stationary)"
+    return None
+
+
+def diagnose(paired: dict, near_bound: float, initial_equity: float, shift: Optional[str] = None,
+             fix: Optional[str] = "use --state-norm") -> dict:
+    """R1-R4 of SPEC 3.6, plus what to change (a distribution shift, when found, comes first).
+
+    fix: input_fix(args), the input change still open to the run (None: inputs already normalized)."""
     moved = abs(paired["intrinsic_mean_delta"]) > 1e-9
     frozen = paired["action_equal_ratio"] >= 0.999
     same_value = paired["eval_value_mae"] <= 1e-6 * initial_equity
@@ -1287,9 +1459,13 @@ def diagnose(paired: dict, near_bound: float, initial_equity: float, shift: Opti
         code, text = "R2", "actions differ, but the portfolio value curves are equal"
     else:
         code, text = "R3", "actions and portfolio value both differ: the intrinsic reward changed behaviour"
-    if near_bound >= COLLAPSE_RATIO:
+    if near_bound >= COLLAPSE_RATIO and fix:
         advice = ("the actor sits at its bound (kappa ~ 0, no gradient reaches it): check state_scale_summary.json "
-                  "(p99_abs_spread) and use --state-norm before judging the intrinsic reward")
+                  f"(p99_abs_spread) and {fix} before judging the intrinsic reward")
+    elif near_bound >= COLLAPSE_RATIO:
+        advice = ("the actor sits at its bound (kappa ~ 0) although its inputs are normalized and relative: check the "
+                  "data (a flat or trendless price gives it nothing to follow), then a lower --learning-rate or a "
+                  "larger --preactivation-penalty")
     elif frozen and moved:
         advice = ("the actor can move (near-bound low) yet ignores r_int: the intrinsic term is action-independent "
                   "and only raises every action's value; redesign it (e.g. --intrinsic-kind sa-rnd) rather than "
@@ -1327,7 +1503,8 @@ def shift_stats(inputs: np.ndarray, fit_low: np.ndarray, fit_high: np.ndarray, c
     return stats
 
 
-def distribution_shift(shift: dict, saturation: dict) -> Optional[str]:
+def distribution_shift(shift: dict, saturation: dict, fix: Optional[str] = "make the levels relative (drop --no-stationary)"
+                       ) -> Optional[str]:
     """Names a shift when an input or the actor is fine on validation but not on test.
 
     Per feature: at the +-clip on >= 1% of test steps and on under a fifth of that share on
@@ -1348,8 +1525,10 @@ def distribution_shift(shift: dict, saturation: dict) -> Optional[str]:
         parts = [f"'{feature}' is at the clip on {test_share:.0%} of test steps (validation {val_share:.0%})"
                  for test_share, val_share, feature in sorted(shifted, reverse=True)]
         parts.append(f"the actor is at its bound on {test_near:.0%} of test steps (validation {val_near:.0%})")
+        remedy = (f"{fix} rather than retuning the agent" if fix else
+                  "the test period lies outside what the train split showed: train on more or more recent data")
         return (f"distribution shift ({name}): " + ", ".join(parts) + ": an input left the range fitted on the "
-                "train split; make levels relative (drop --no-stationary) rather than retuning the agent")
+                f"train split; {remedy}")
     return None
 
 
@@ -1374,7 +1553,7 @@ def evaluation_report(args: Args, run_dir: str, data: MarketData, agents: dict, 
                                        *fit_range, clip, names) for split in splits} for name in agents}
     saturation = {name: {split: results[split][name]["saturation"] for split in splits} for name in agents}
     return {"results": results, "eval": eval_json, "shift": shift, "saturation": saturation,
-            "distribution_shift": distribution_shift(shift, saturation)}
+            "distribution_shift": distribution_shift(shift, saturation, input_fix(args))}
 
 
 def write_scale_summary(path: str, args: Args, ref: np.ndarray, normalizer: Optional[StateNormalizer],
@@ -1396,10 +1575,10 @@ def write_scale_summary(path: str, args: Args, ref: np.ndarray, normalizer: Opti
 
 
 def save_model(path: str, args: Args, data: MarketData, agents: dict, fit_range: tuple) -> None:
-    torch.save({"format": MODEL_FORMAT, "args": asdict(args), "feature_names": observation_names(args),
-                "vol_filter_threshold": data.vol_threshold, "fit_range": [r.tolist() for r in fit_range],
-                "agents": {name: agent.state_dict() for name, agent in agents.items()}}, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)  # never a half-written model
+    model = {"format": MODEL_FORMAT, "args": asdict(args), "feature_names": observation_names(args),
+             "vol_filter_threshold": data.vol_threshold, "fit_range": [r.tolist() for r in fit_range],
+             "agents": {name: agent.state_dict() for name, agent in agents.items()}}
+    replace_atomic(path, lambda tmp: torch.save(model, tmp))  # never a half-written model
 
 
 def main(args: Args) -> dict:
@@ -1420,12 +1599,19 @@ def main(args: Args) -> dict:
     write_scale_summary(os.path.join(run_dir, "state_scale_summary.json"), args, ref, normalizer)
 
     trained = {}
-    for name in agent_names(args):  # the baseline (w = 0) and the intrinsic agent, on identical seeds
-        intrinsic = None
-        if name == "intrinsic":
-            intrinsic = IntrinsicReward(RND(args.intrinsic_kind, len(FEATURE_NAMES), device, args.seed),
-                                        args.intrinsic_coef, device)
-        trained[name] = train_agent(name, args, data, normalizer, device, run_dir, intrinsic)
+    with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: end the step, write summary.json, exit 130 / 143
+        try:
+            for name in agent_names(args):  # the baseline (w = 0) and the intrinsic agent, on identical seeds
+                intrinsic = None
+                if name == "intrinsic":
+                    intrinsic = IntrinsicReward(RND(args.intrinsic_kind, len(FEATURE_NAMES), device, args.seed),
+                                                args.intrinsic_coef, device)
+                trained[name] = train_agent(name, args, data, normalizer, device, run_dir, intrinsic, stop)
+                if stop.signum is not None:
+                    return end_early(args, run_dir, start, {n: t["steps"] for n, t in trained.items()}, signum=stop.signum)
+        except Diverged as err:
+            steps = {**{n: t["steps"] for n, t in trained.items()}, err.agent: err.step}
+            return end_early(args, run_dir, start, steps, error=str(err))
     agents = {name: t["agent"] for name, t in trained.items()}
     # The paired audit asks what training with r_int did to the policy: the final agents, on test.
     test_env = make_env(data, data.splits["test"], args, training=False)
@@ -1459,12 +1645,14 @@ def main(args: Args) -> dict:
         paired["history"] = per_eval
         near = max(res["saturation"]["near_bound_ratio"] for res in final_test.values())
         saturation["paired"] = paired
-        saturation["diagnosis"] = diagnose(paired, near, args.initial_equity, report["distribution_shift"])
+        saturation["diagnosis"] = diagnose(paired, near, args.initial_equity, report["distribution_shift"],
+                                           input_fix(args))
     write_json_atomic(os.path.join(run_dir, "td3_action_saturation.json"), saturation)
     if args.save_model:
         save_model(os.path.join(run_dir, "model.pt"), args, data, agents, fit_range)
 
-    summary = {"run_dir": run_dir, "seed": args.seed, "state_norm": args.state_norm,
+    summary = {"status": "completed", "exit_code": EXIT_CODES["completed"],
+               "run_dir": run_dir, "seed": args.seed, "state_norm": args.state_norm,
                "stationary": stationary_layout(args), "total_timesteps": args.total_timesteps,
                "test": report["eval"],
                "val": {name: res["metrics"] for name, res in report["results"]["val"].items()},
@@ -1480,6 +1668,27 @@ def main(args: Args) -> dict:
     print_table(report["eval"], summary["saturation_test"], summary["selected_step"], summary["paired"],
                 summary["diagnosis"], summary["distribution_shift"])
     print(f"-> {run_dir} ({summary['wall_time_s']:.0f} s)")
+    return summary
+
+
+def end_early(args: Args, run_dir: str, start: float, steps: dict, error: Optional[str] = None,
+              signum: Optional[int] = None) -> dict:
+    """A run stopped by a signal or by divergence: summary.json says how and how far, nothing else
+    is evaluated (a half-trained pair would audit nothing)."""
+    status = "diverged" if error else "interrupted"
+    summary = {"status": status, "exit_code": 128 + signum if signum is not None else EXIT_CODES[status],
+               "run_dir": run_dir, "seed": args.seed, "total_timesteps": args.total_timesteps, "steps": steps,
+               "wall_time_s": round(time.time() - start, 2)}
+    if error:
+        summary["error"] = error
+    else:
+        summary["signal"] = signal.Signals(signum).name
+    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        print(f"interrupted by {summary['signal']} after {steps} of {args.total_timesteps} steps per agent: "
+              f"nothing evaluated; runs are short, start again -> {run_dir}", file=sys.stderr)
     return summary
 
 
@@ -1520,7 +1729,8 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     ckpt = load_checkpoint(args.checkpoint)
     saved = Args(**{k: v for k, v in ckpt["args"].items() if k in {f.name for f in dataclasses.fields(Args)}})
     run_args = dataclasses.replace(saved, data_csv=args.data_csv or saved.data_csv, runs_dir=args.runs_dir,
-                                   eval_only=True, checkpoint=args.checkpoint, eval_split=args.eval_split)
+                                   eval_only=True, checkpoint=args.checkpoint, eval_split=args.eval_split,
+                                   accept_suspect_rows=args.accept_suspect_rows)
     if ckpt["feature_names"] != observation_names(run_args):
         raise UserError(f"--checkpoint '{args.checkpoint}' was saved with features {ckpt['feature_names']}, "
                         f"its settings build {observation_names(run_args)}: retrain with --save-model")
@@ -1581,7 +1791,11 @@ def print_table(eval_json: dict, saturation: dict, selected_step: Optional[dict]
 
 if __name__ == "__main__":
     try:
-        main(parse_cli())
+        summary = main(parse_cli())
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("error: interrupted; stopped at once, without a summary", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(summary.get("exit_code", 0))

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -97,8 +98,8 @@ def validate_args(args: Args) -> None:
         raise UserError(f"--w-step must be in (0, 0.05], got {args.w_step}")
     if args.train_steps < 1:
         raise UserError(f"--train-steps must be >= 1, got {args.train_steps}")
-    if args.freeze_ratio < 1.0:
-        raise UserError(f"--freeze-ratio must be >= 1, got {args.freeze_ratio}")
+    if not 1.0 <= args.freeze_ratio <= 1e30:  # float32 states overflow to inf a few decades above
+        raise UserError(f"--freeze-ratio must be in [1, 1e30], got {args.freeze_ratio}")
 
 
 # A. ACTION GAP ----------------------------------------------------------------------------------
@@ -192,8 +193,7 @@ def plot_action_gap(result: dict, path: str) -> None:
     ax.set_title(f"m = {result['m']}: the runner-up (index {RUNNER_UP}) overtakes only above λ*")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # B. GATE AND SCALE ------------------------------------------------------------------------------
@@ -303,8 +303,7 @@ def plot_gate_and_scale(result: dict, path: str) -> None:
     ax.set_title("B3. gate and small-signal transport")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # C. TRAINING: a tanh actor and the deterministic policy gradient --------------------------------
@@ -455,17 +454,46 @@ def plot_actor_freeze(result: dict, path: str) -> None:
     ax.set_title(f"C2. trained action: flips only for w > λ* = {result['flip']['lambda_star']:.3g}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # RUN --------------------------------------------------------------------------------------------
+def replace_atomic(path: str, write, tmp_suffix: str = ".tmp") -> None:
+    """write(tmp) then os.replace: a reader never sees half a file, and no error (nor Ctrl-C)
+    leaves the temp file behind."""
+    tmp = f"{path}{tmp_suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_json_atomic(path: str, obj) -> None:
-    """temp file + os.replace: an interrupted run never leaves half a JSON file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, allow_nan=False)  # a NaN fails here, before any file is touched
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    replace_atomic(path, write)
+
+
+def save_figure(fig, path: str) -> None:
+    try:
+        replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM (command line only): stop, leaving only complete files."""
+
+
+def raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
 
 
 def print_summary(metrics: dict) -> None:
@@ -513,8 +541,15 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, raise_interrupted)
     try:
         main(parse_cli())
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as stop:
+        signum = stop.args[0]
+        print(f"error: interrupted by {signal.Signals(signum).name}: the files written so far are complete, "
+              "the others were not written", file=sys.stderr)
+        sys.exit(128 + signum)

@@ -1,8 +1,8 @@
 """Tests of td3_continuous.py: mechanisms against hand-computed numbers, then short real runs."""
 
 import csv
-import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -148,10 +148,10 @@ def test_update_flops_match_torch_flop_counter():
     with FlopCounterMode(display=False) as counter:
         agent.update(random_batch(n=32, seed=1))  # critic step
         agent.update(random_batch(n=32, seed=2))  # critic and actor step
-    expected = 2 * td3.update_flops(obs_dim=3, action_dim=1, hidden=256, batch_size=32, policy_frequency=2)
+    expected = 2 * td3.update_flops(obs_dim=3, action_dim=1, hidden_sizes=(256, 256), batch_size=32, policy_frequency=2)
     assert counter.get_total_flops() == expected
     # Hopper at batch 256: about 0.40 GFLOP per update (the issue's estimate was ~0.42)
-    assert td3.update_flops(11, 3, 256, 256, 2) / 1e9 == pytest.approx(0.4038, abs=1e-4)
+    assert td3.update_flops(11, 3, (256, 256), 256, 2) / 1e9 == pytest.approx(0.4038, abs=1e-4)
 
 
 def test_twin_q_q1_matches_first_critic_and_critics_differ():
@@ -378,13 +378,7 @@ def test_resume_after_interruption_counts_every_step_once(tmp_path):
             "--eval-frequency", "1000", "--eval-episodes", "1", "--checkpoint-frequency", "1000",
             "--runs-dir", str(tmp_path), "--no-cuda", "--batch-size", "64", "--no-compile"]
     proc = subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    ckpt = None
-    while time.time() < deadline and ckpt is None:
-        time.sleep(0.2)
-        found = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path) for f in fs if f == "checkpoint.pt"]
-        ckpt = found[0] if found else None
-    assert ckpt is not None, "no checkpoint was written"
+    ckpt = wait_for_file(tmp_path, "checkpoint.pt", proc)
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)  # a hard stop, mid-run
     proc.wait()
@@ -402,6 +396,119 @@ def test_resume_after_interruption_counts_every_step_once(tmp_path):
     assert steps == [1000, 2000, 3000, 4000]
     final = torch.load(ckpt, weights_only=False)
     assert final["global_step"] == 4000 and final["buffer"]["size"] == 4000
+
+
+def files_under(path) -> set:
+    return {f for _, _, fs in os.walk(path) for f in fs}
+
+
+def wait_for_file(root, name, proc, seconds=300):
+    """Path of the first `name` under root once it exists (the subprocess must still run)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        found = [os.path.join(r, name) for r, _, fs in os.walk(root) if name in fs]
+        if found:
+            return found[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"no {name} under {root}")
+
+
+def test_diverging_run_is_one_error_line_a_status_and_the_last_finite_checkpoint(tmp_path):
+    # The issue's command (lr 1e8 on Pendulum) with checkpoints every 500 steps and --save-model.
+    result = run_script("--env-id", "Pendulum-v1", "--learning-rate", "1e8", "--total-timesteps", "2000",
+                        "--learning-starts", "500", "--eval-frequency", "1000", "--checkpoint-frequency", "500",
+                        "--save-model", "--no-compile", "--runs-dir", str(tmp_path), "--no-cuda")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    [run_dir] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    assert summary["status"] == "diverged" and summary["exit_code"] == 1
+    # detected within one logging interval of the first update (learning starts after step 500)
+    assert 500 < summary["global_step"] < 500 + td3.LOG_EVERY_UPDATES
+    assert result.stderr.startswith(f"error: training diverged at step {summary['global_step'] + 1}: ")
+    assert "= nan" in result.stderr and "--learning-rate 1e+08" in result.stderr
+    assert "--state-norm" not in result.stderr  # |obs| <= 8, |r| <= 16.3: the learning rate alone is named
+    assert summary["error"] == result.stderr.strip()[len("error: "):]
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert ckpt["global_step"] == 500 == summary["checkpoint_step"]  # the last finite one, kept
+    assert all(torch.isfinite(t).all() for t in ckpt["agent"]["actor"].values())
+    assert "model.pt" not in files_under(run_dir)  # no model of a diverged network
+    assert not [f for f in files_under(run_dir) if f.endswith(".tmp")]
+
+
+def test_divergence_advice_names_only_what_the_run_can_change(tmp_path):
+    agent = make_agent(state_norm=True)
+    rb = td3.ReplayBuffer(10, 3, 1, torch.device("cpu"))
+    rb.add(np.full((4, 3), 500.0), np.zeros((4, 3)), np.zeros((4, 1)), np.array([1.0, -250.0, 3.0, np.nan]), np.zeros(4))
+    run = td3.RunFolder(small_args(tmp_path, state_norm=True), agent, rb, None, None)
+    message = run.divergence_message("qf1_loss", math.inf, 7)
+    assert message.startswith("training diverged at step 7: qf1_loss = inf. Likely cause: the reward scale "
+                              "(|reward| up to 250)")  # lr 3e-4 is usual; the NaN reward is skipped
+    assert "--state-norm" not in message and "learning rate" not in message
+    run.args = small_args(tmp_path, state_norm=False, learning_rate=1e-4)
+    assert "unnormalized inputs (|observation| up to 500; try --state-norm)" in run.divergence_message("x", 1.0, 7)
+    run.writer.close()
+
+
+def test_atomic_json_leaves_nothing_behind_on_error(tmp_path):
+    path = str(tmp_path / "a.json")
+    td3.write_json_atomic(path, {"x": 1})
+    with pytest.raises(ValueError):
+        td3.write_json_atomic(path, {"x": float("nan")})
+    assert os.listdir(tmp_path) == ["a.json"] and read_json(path) == {"x": 1}  # old file intact
+
+
+def test_sigint_stops_at_a_step_boundary_and_resume_counts_every_step_once(tmp_path):
+    argv = ["--env-id", "Pendulum-v1", "--total-timesteps", "4000", "--learning-starts", "500",
+            "--eval-frequency", "1000", "--eval-episodes", "1", "--checkpoint-frequency", "1000",
+            "--runs-dir", str(tmp_path), "--no-cuda", "--batch-size", "64", "--no-compile"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = wait_for_file(tmp_path, "checkpoint.pt", proc)  # step 1000: training is under way
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted by SIGINT at step" in stderr
+    run_dir = os.path.dirname(ckpt)
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT" and summary["exit_code"] == 130
+    stopped_at = summary["global_step"]
+    assert 1000 <= stopped_at < 4000
+    assert torch.load(ckpt, weights_only=False)["global_step"] == stopped_at == summary["checkpoint_step"]
+    assert summary["updates"] == stopped_at - 500
+
+    result = run_script("--resume", ckpt)
+    assert result.returncode == 0, result.stderr
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    assert summary["status"] == "completed" and summary["exit_code"] == 0 and summary["global_step"] == 4000
+    assert summary["updates"] == 4000 - 500  # every learning step updated exactly once
+    with open(os.path.join(run_dir, "evaluations.csv")) as f:
+        assert [int(r["global_step"]) for r in csv.DictReader(f)] == [1000, 2000, 3000, 4000]
+    assert not [f for f in files_under(run_dir) if f.endswith(".tmp")]
+
+
+def test_sigterm_without_checkpoints_exits_143_with_a_summary(tmp_path):
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--env-id", "Pendulum-v1", "--total-timesteps", "100000",
+                             "--learning-starts", "500", "--eval-frequency", "1000", "--eval-episodes", "1",
+                             "--runs-dir", str(tmp_path), "--no-cuda", "--no-compile"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_file(tmp_path, "evaluations.csv", proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "no checkpoint (--checkpoint-frequency N makes a run resumable)" in stderr
+    [run_dir] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM" and summary["exit_code"] == 143
+    assert 0 < summary["global_step"] < 100000 and summary["checkpoint_step"] is None
+    assert "checkpoint.pt" not in files_under(run_dir)
+
+
+def test_completed_run_says_so(tmp_path):
+    summary = td3.main(small_args(tmp_path))
+    assert summary["status"] == "completed" and summary["exit_code"] == 0
+    assert read_json(os.path.join(summary["run_dir"], "summary.json"))["status"] == "completed"
 
 
 def test_pendulum_learns(tmp_path):

