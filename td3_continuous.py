@@ -7,8 +7,8 @@ with the authors' evaluation protocol (deterministic episodes on a separate env,
 Run:     python td3_continuous.py --env-id Hopper-v5 --seed 1
 Help:    python td3_continuous.py --help
 Writes:  runs/{env_id}__{exp_name}__{seed}__{unix_time}/ with TensorBoard events,
-         evaluations.csv, summary.json, state_scale_summary.json, td3_action_saturation.json,
-         model.pt (--save-model) and checkpoint.pt (--checkpoint-frequency N, for --resume).
+         evaluations.csv, learning_curve.png, summary.json, state_scale_summary.json,
+         td3_action_saturation.json, model.pt (--save-model) and checkpoint.pt (--checkpoint-frequency N, for --resume).
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import gymnasium as gym
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch._inductor.config
@@ -766,6 +770,32 @@ def write_evaluations_csv(path: str, history: list[dict]) -> None:
     replace_atomic(path, write)
 
 
+def save_learning_curve(path: str, history: list[dict], title: str) -> None:
+    """learning_curve.png: eval return mean +- std against steps, and the paper's overestimation
+    check (value_bias = Q1 estimate - discounted return collected; > 0 means overestimation)."""
+    steps = np.array([row["global_step"] for row in history])
+    mean = np.array([row["eval_return_mean"] for row in history])
+    std = np.array([row["eval_return_std"] for row in history])
+    biased = [(row["global_step"], row["value_bias"]) for row in history if row["value_bias"] is not None]
+    fig, (ax_return, ax_bias) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+    try:
+        ax_return.plot(steps, mean, marker="o", markersize=3)
+        ax_return.fill_between(steps, mean - std, mean + std, alpha=0.25, label="± std over eval episodes")
+        ax_return.set(ylabel="eval return (deterministic)", title=title)
+        ax_return.legend(loc="lower right")
+        if biased:
+            ax_bias.plot(*zip(*biased), marker="o", markersize=3, color="tab:red")
+        else:
+            ax_bias.text(0.5, 0.5, "no evaluated state qualifies (unseen tail gamma^(T-t) > 1%, e.g. 200-step Pendulum)", ha="center",
+                         va="center", transform=ax_bias.transAxes)
+        ax_bias.axhline(0.0, color="grey", linewidth=0.8)
+        ax_bias.set(xlabel="environment steps", ylabel="value bias (Q1 - return)")
+        fig.tight_layout()
+        replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
+
+
 def load_torch_file(path: str, what: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{what} '{path}' does not exist; give the path of a model.pt or checkpoint.pt")
@@ -1100,6 +1130,8 @@ class RunFolder:
         self.progress["saturation_history"].append({"global_step": step, **audit})
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=EVAL_CSV_FIELDS).writerow(row)
+        save_learning_curve(os.path.join(self.dir, "learning_curve.png"), self.progress["eval_history"],
+                            f"TD3 {args.env_id}, seed {args.seed}")
         self.writer.add_scalar("eval/episodic_return", result["mean"], step)
         self.writer.add_scalar("eval/episodic_return_std", result["std"], step)
         if result["value_bias"] is not None:

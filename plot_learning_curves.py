@@ -1,0 +1,159 @@
+"""Aggregate learning curves of td3_continuous.py runs against the TD3 paper's published curves.
+
+Reads evaluations.csv and summary.json of each run folder given, groups the runs by
+environment and experiment name (the run folder is {env_id}__{exp_name}__{seed}__{time}), and
+writes one figure per environment: every seed's eval return, their mean, and the published
+mean +- std band of the authors' 10 seeds. Prints a table of the last common evaluation step:
+each seed, the mean, the published mean and std there, and whether the mean is within one
+published std below the published mean (the reproduction target of this kit).
+
+Run:     python plot_learning_curves.py runs/Hopper-v5__td3_paper__* runs/Hopper-v5__td3_continuous__*
+Writes:  figures/learning_curves_{env_id}.png (--out-dir)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+import tyro
+
+# The authors' learning curves (github.com/sfujim/TD3, learning_curves/, v1 envs, the paper's
+# setup: 400-300 networks, learning rate 1e-3, batch 100, 10 000 random steps), mean and std
+# over their 10 seeds (numpy's population std) of 10 deterministic episodes, at steps 0, 5000, ..., 100 000.
+PUBLISHED_STEP = 5000
+PUBLISHED = {
+    "Hopper": (
+        [45, 97, 133, 129, 150, 178, 302, 313, 276, 283, 285, 309, 344, 405, 378, 505, 457, 827, 737, 754, 659],
+        [38, 67, 95, 92, 86, 98, 253, 261, 74, 62, 69, 105, 125, 187, 152, 258, 195, 621, 506, 524, 752]),
+    "HalfCheetah": (
+        [-2, -493, -508, -394, 476, 1327, 1979, 2610, 3160, 3428, 3352, 3988, 4332, 4586, 4763, 5071, 4821, 5168,
+         5373, 5322, 5514],
+        [1, 113, 141, 230, 597, 388, 299, 434, 412, 309, 851, 252, 352, 422, 497, 582, 438, 448, 377, 598, 554]),
+    "Walker2d": (
+        [42, 91, 185, 218, 249, 293, 311, 377, 327, 322, 368, 377, 450, 456, 602, 565, 754, 764, 655, 860, 770],
+        [82, 137, 95, 142, 79, 80, 84, 276, 140, 126, 145, 131, 145, 207, 398, 227, 542, 506, 638, 671, 586]),
+}
+
+
+@dataclass
+class Args:
+    run_dirs: tyro.conf.Positional[tuple[str, ...]]
+    """run folders written by td3_continuous.py (each with evaluations.csv and summary.json)"""
+    out_dir: str = "figures"
+    """where the figures are written"""
+
+
+class UserError(Exception):
+    """A mistake in the arguments: reported as one line, exit code 2."""
+
+
+def read_run(run_dir: str) -> dict:
+    """One run: env id, experiment name, seed, and its evaluations as arrays."""
+    csv_path, summary_path = os.path.join(run_dir, "evaluations.csv"), os.path.join(run_dir, "summary.json")
+    if not (os.path.isfile(csv_path) and os.path.isfile(summary_path)):
+        raise UserError(f"'{run_dir}' is not a td3_continuous.py run folder (needs evaluations.csv and summary.json)")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise UserError(f"'{csv_path}' has no evaluation yet")
+    parts = os.path.basename(os.path.normpath(run_dir)).split("__")
+    return {"env_id": summary["env_id"], "exp_name": parts[1] if len(parts) == 4 else "?", "seed": summary["seed"],
+            "steps": np.array([int(r["global_step"]) for r in rows]),
+            "returns": np.array([float(r["eval_return_mean"]) for r in rows])}
+
+
+def published_curve(env_id: str):
+    """(steps, mean, std) of the paper's curve for this task, or None (matched on the name before '-v')."""
+    task = env_id.split("-v")[0]
+    if task not in PUBLISHED:
+        return None
+    mean, std = (np.array(x, dtype=float) for x in PUBLISHED[task])
+    return np.arange(len(mean)) * PUBLISHED_STEP, mean, std
+
+
+def compare(runs: list[dict], published) -> dict:
+    """Returns at the last step every run evaluated, their mean, and the published numbers there."""
+    step = min(int(run["steps"][-1]) for run in runs)
+    at_step = [float(run["returns"][run["steps"] == step][0]) if step in run["steps"] else float("nan") for run in runs]
+    row = {"step": step, "seeds": [run["seed"] for run in runs], "returns": at_step, "mean": float(np.mean(at_step))}
+    if published is not None and step in published[0]:
+        i = int(np.flatnonzero(published[0] == step)[0])
+        row.update(published_mean=published[1][i], published_std=published[2][i],
+                   within_one_std=bool(row["mean"] >= published[1][i] - published[2][i]))
+    return row
+
+
+def save_figure(fig, path: str) -> None:
+    """Write through a temp file, so a crash never leaves a half-written png."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def plot_env(env_id: str, groups: dict, published, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if published is not None:
+        steps, mean, std = published
+        ax.fill_between(steps, mean - std, mean + std, color="grey", alpha=0.25)
+        ax.plot(steps, mean, color="black", linestyle="--", label="paper (10 seeds, v1): mean ± std")
+    for color, (exp_name, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], sorted(groups.items())):
+        for run in runs:
+            ax.plot(run["steps"], run["returns"], color=color, alpha=0.35, linewidth=0.8)
+        n = min(len(run["steps"]) for run in runs)  # seeds share the evaluation steps
+        ax.plot(runs[0]["steps"][:n], np.mean([run["returns"][:n] for run in runs], axis=0), color=color,
+                linewidth=2, label=f"{exp_name}: mean of {len(runs)} seeds (thin: each seed)")
+    ax.set(title=f"TD3 on {env_id}", xlabel="environment steps", ylabel="eval return (10 deterministic episodes)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main(args: Args) -> list[dict]:
+    """Write one figure per environment; return (and print) one comparison row per env and experiment."""
+    if not args.run_dirs:
+        raise UserError("give at least one run folder")
+    by_env = defaultdict(lambda: defaultdict(list))
+    for run_dir in args.run_dirs:
+        run = read_run(run_dir)
+        by_env[run["env_id"]][run["exp_name"]].append(run)
+    os.makedirs(args.out_dir, exist_ok=True)
+    table = []
+    for env_id, groups in sorted(by_env.items()):
+        published = published_curve(env_id)
+        plot_env(env_id, groups, published, os.path.join(args.out_dir, f"learning_curves_{env_id}.png"))
+        for exp_name, runs in sorted(groups.items()):
+            runs.sort(key=lambda run: run["seed"])
+            table.append({"env_id": env_id, "exp_name": exp_name, **compare(runs, published)})
+    for row in table:
+        seeds = ", ".join(f"seed {s}: {r:.1f}" for s, r in zip(row["seeds"], row["returns"]))
+        paper = (f" | paper {row['published_mean']:.0f} ± {row['published_std']:.0f} -> "
+                 f"{'within' if row['within_one_std'] else 'BELOW'} one std" if "published_mean" in row else "")
+        print(f"{row['env_id']} {row['exp_name']} at {row['step']}: {seeds} | mean {row['mean']:.1f}{paper}")
+    return table
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,58 @@
+"""Tests of plot_learning_curves.py on crafted run folders whose numbers are known."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import plot_learning_curves as plc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fake_run(root, env_id, exp_name, seed, returns, step=5000):
+    """A run folder as td3_continuous.py writes it: evaluations.csv every `step` steps, summary.json."""
+    run_dir = os.path.join(root, f"{env_id}__{exp_name}__{seed}__1700000000")
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
+        f.write("global_step,eval_return_mean,eval_return_std,value_bias,wall_time_s\n")
+        for i, value in enumerate(returns, start=1):
+            f.write(f"{i * step},{value},1.0,,{i}\n")
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({"env_id": env_id, "seed": seed}, f)
+    return run_dir
+
+
+def test_published_table_is_the_papers_numbers_at_100k():
+    # The issue quotes the paper's curves at 100k: Hopper 659 +- 752, HalfCheetah 5514 +- 554, Walker2d 770 +- 586.
+    for task, (mean, std) in {"Hopper-v5": (659, 752), "HalfCheetah-v5": (5514, 554), "Walker2d-v5": (770, 586)}.items():
+        steps, means, stds = plc.published_curve(task)
+        assert steps[-1] == 100_000 and len(steps) == 21
+        assert (means[-1], stds[-1]) == (mean, std)
+    assert plc.published_curve("Pendulum-v1") is None
+
+
+def test_table_and_figures_from_crafted_runs(tmp_path):
+    # Hopper at 100k (20 evaluations): seeds end at 600, 100, -1000 -> mean -100; paper 659 - 752 = -93 -> below.
+    runs = [fake_run(tmp_path, "Hopper-v5", "td3_paper", seed, [0.0] * 19 + [last])
+            for seed, last in ((2, 100.0), (1, 600.0), (3, -1000.0))]
+    # HalfCheetah, one seed stopped at 10k: the common step is 10k, where the paper has -493 +- 113.
+    runs += [fake_run(tmp_path, "HalfCheetah-v5", "td3_paper", 1, [0.0, -550.0, 7.0]),
+             fake_run(tmp_path, "HalfCheetah-v5", "td3_paper", 2, [0.0, -500.0])]
+    table = plc.main(plc.Args(run_dirs=tuple(runs), out_dir=str(tmp_path / "fig")))
+    cheetah, hopper = table
+    assert hopper["seeds"] == [1, 2, 3] and hopper["returns"] == [600.0, 100.0, -1000.0]
+    assert hopper["step"] == 100_000 and hopper["mean"] == pytest.approx(-100.0)
+    assert (hopper["published_mean"], hopper["published_std"], hopper["within_one_std"]) == (659, 752, False)
+    assert cheetah["step"] == 10_000 and cheetah["mean"] == pytest.approx(-525.0)
+    assert cheetah["within_one_std"] is True  # -525 >= -493 - 113
+    assert sorted(os.listdir(tmp_path / "fig")) == ["learning_curves_HalfCheetah-v5.png", "learning_curves_Hopper-v5.png"]
+
+
+def test_a_folder_that_is_not_a_run_is_one_error_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "plot_learning_curves.py"), str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == f"error: '{tmp_path}' is not a td3_continuous.py run folder (needs evaluations.csv and summary.json)\n"
