@@ -18,8 +18,6 @@ Writes:  DIR/figures/fig_action_gap_phase.png, DIR/figures/fig_gate_and_scale.pn
 Runs in well under 60 s on a 2-core CPU.
 """
 
-from __future__ import annotations
-
 import contextlib
 import io
 import json
@@ -29,6 +27,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import matplotlib
 
@@ -59,47 +58,10 @@ class Args:
     observation's price, equity and volume sit 1e4-1e8 above its returns)"""
 
 
-class UserError(Exception):
-    """A mistake in the command line: reported as one line on stderr, exit code 2."""
-
-
 SUP_DELTA = 2.0  # spread sup|Delta(a1) - Delta(a2)| of every intrinsic term used here
 SATURATION = 0.99  # B2: |a| >= 0.99 a_max counts as saturated (the note's threshold)
 NEAR_BOUND = 0.999  # C: the trading audit's near-bound threshold
 EXACT_GRID = 400_001  # trapezoid points over u in [-60, 60] for the exact expectations
-
-
-def parse_cli(argv: list[str] | None = None) -> Args:
-    """tyro.cli, but a parse error becomes one line on stderr and exit code 2."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            return tyro.cli(Args, args=argv)
-    except SystemExit as exit_:
-        if exit_.code in (0, None):
-            raise
-        lines = [re.sub(r"[╭╮╰╯│]", "", line).strip() for line in captured.getvalue().splitlines()]
-        title = lines[0].strip("─ ") if lines else "bad arguments"
-        body = []
-        for line in lines[1:]:
-            if not line or set(line) <= {"─"}:
-                break
-            body.append(line)
-        print(f"error: {title}: {' '.join(body)} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def validate_args(args: Args) -> None:
-    if args.num_samples < 1000:
-        raise UserError(f"--num-samples must be >= 1000, got {args.num_samples}")
-    if not 0.0 < args.m < SUP_DELTA / 4:
-        raise UserError(f"--m must be in (0, {SUP_DELTA / 4}) so the phase map (w up to 0.5) shows the boundary, got {args.m}")
-    if not 0.0 < args.w_step <= 0.05:
-        raise UserError(f"--w-step must be in (0, 0.05], got {args.w_step}")
-    if args.train_steps < 1:
-        raise UserError(f"--train-steps must be >= 1, got {args.train_steps}")
-    if not 1.0 <= args.freeze_ratio <= 1e30:  # float32 states overflow to inf a few decades above
-        raise UserError(f"--freeze-ratio must be in [1, 1e30], got {args.freeze_ratio}")
 
 
 # A. ACTION GAP ----------------------------------------------------------------------------------
@@ -197,9 +159,9 @@ def plot_action_gap(result: dict, path: str) -> None:
 
 
 # B. GATE AND SCALE ------------------------------------------------------------------------------
-def kappa(a_over_amax: np.ndarray) -> np.ndarray:
-    """kappa = 1 - (a/a_max)^2 = d tanh(u)/du: the gate every actor gradient passes through."""
-    return 1.0 - np.square(a_over_amax)
+def kappa(actions_normalized: np.ndarray) -> np.ndarray:
+    """tanh gate kappa = 1 - (a/a_max)^2, the factor d tanh/du on every actor gradient: 0 at the bound."""
+    return 1.0 - np.square(actions_normalized)
 
 
 def kappa_2delta_max_rel_error(delta_max: float = 0.01, n: int = 1000) -> float:
@@ -444,8 +406,10 @@ def plot_actor_freeze(result: dict, path: str) -> None:
     ax = axes[1]
     for label, run in result["flip"]["runs"].items():
         constant = label.startswith("constant")
-        suffix = " — exactly on w_0" if constant and result["flip"]["constant_delta_actions_identical_to_w_0"] else ""
-        ax.plot(run["steps"], run["action_mean"], label=f"{label} (w = {run['w']:.3g}){suffix}", ls="--" if constant else "-")
+        on_w0 = constant and result["flip"]["constant_delta_actions_identical_to_w_0"]
+        suffix = " — exactly on w_0" if on_w0 else ""
+        ax.plot(run["steps"], run["action_mean"], label=f"{label} (w = {run['w']:.3g}){suffix}",
+                ls="--" if constant else "-")
     ax.set_xscale("symlog", linthresh=10)
     ax.axhline(0.5, color="grey", lw=0.8)
     ax.axhline(-0.5, color="grey", lw=0.8)
@@ -457,63 +421,28 @@ def plot_actor_freeze(result: dict, path: str) -> None:
     save_figure(fig, path)
 
 
-# RUN --------------------------------------------------------------------------------------------
-def replace_atomic(path: str, write, tmp_suffix: str = ".tmp") -> None:
-    """write(tmp) then os.replace: a reader never sees half a file, and no error (nor Ctrl-C)
-    leaves the temp file behind."""
-    tmp = f"{path}{tmp_suffix}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json_atomic(path: str, obj) -> None:
-    text = json.dumps(obj, indent=2, allow_nan=False)  # a NaN fails here, before any file is touched
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    replace_atomic(path, write)
-
-
-def save_figure(fig, path: str) -> None:
-    try:
-        replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM (command line only): stop, leaving only complete files."""
-
-
-def raise_interrupted(signum, frame) -> None:
-    raise Interrupted(signum)
-
-
+# RUN: A, B and C, their figures and toy_metrics.json -------------------------------------------
 def print_summary(metrics: dict) -> None:
     ag, gs, af = metrics["action_gap"], metrics["gate_scale"], metrics["actor_freeze"]
     print(f"A  action gap m = {ag['m']}, supΔ = {ag['sup_delta']}: λ* theory {ag['lambda_star_theory']:.3f}, "
           f"empirical {ag['lambda_star_empirical']:.3f} (grid step {ag['w_step']}); "
           f"action-independent Δ flips: {ag['action_independent_flips']}")
-    print(f"B  {'ratio':>7} {'E[κ] MC':>9} {'exact':>8} {'transport':>10} {'exact':>8} {'sat MC':>7} {'E[κ] norm':>10} {'transp norm':>12}")
+    print(f"B  {'ratio':>7} {'E[κ] MC':>9} {'exact':>8} {'transport':>10} {'exact':>8} {'sat MC':>7} "
+          f"{'E[κ] norm':>10} {'transp norm':>12}")
     for i, r in enumerate(gs["scale_ratios"]):
         nn_, ex, no = gs["no_norm"], gs["exact"]["no_norm"], gs["norm"]
         print(f"   {r:7.2f} {nn_['kappa_mean'][i]:9.4f} {ex['kappa_mean'][i]:8.4f} {nn_['transport'][i]:10.4f} "
-              f"{ex['transport'][i]:8.4f} {nn_['saturation_rate'][i]:7.3f} {no['kappa_mean'][i]:10.4f} {no['transport'][i]:12.4f}")
+              f"{ex['transport'][i]:8.4f} {nn_['saturation_rate'][i]:7.3f} {no['kappa_mean'][i]:10.4f} "
+              f"{no['transport'][i]:12.4f}")
     fr = af["freeze"]
     fmt = lambda s: "did not leave" if s is None else f"left after {s} steps"
     print(f"C1 actor at the bound, ratio {fr['ratio']:g}: raw states {fmt(fr['no_norm']['steps_to_leave_bound'])} "
-          f"(initial E[κ] {fr['no_norm']['initial_kappa_mean']:.1e}); z-scored {fmt(fr['norm']['steps_to_leave_bound'])} "
+          f"(initial E[κ] {fr['no_norm']['initial_kappa_mean']:.1e}); "
+          f"z-scored {fmt(fr['norm']['steps_to_leave_bound'])} "
           f"(initial E[κ] {fr['norm']['initial_kappa_mean']:.1e}) within {fr['train_steps']} steps")
     runs = af["flip"]["runs"]
-    print("C2 trained action mean: " + ", ".join(f"{k} {v['final_action_mean']:+.3f}{' (flipped)' if v['flipped'] else ''}"
-                                             for k, v in runs.items()))
+    print("C2 trained action mean: " + ", ".join(
+        f"{k} {v['final_action_mean']:+.3f}{' (flipped)' if v['flipped'] else ''}" for k, v in runs.items()))
 
 
 def main(args: Args) -> dict:
@@ -534,17 +463,93 @@ def main(args: Args) -> dict:
     metrics = {"seed": args.seed, "num_samples": args.num_samples,
                "action_gap": strip_private(action_gap), "gate_scale": gate_scale, "actor_freeze": actor_freeze,
                "wall_time_s": round(time.time() - start, 2)}
-    write_json_atomic(os.path.join(args.out_dir, "toy_metrics.json"), metrics)
+    metrics_path = os.path.join(args.out_dir, "toy_metrics.json")
+    write_json_atomic(metrics_path, metrics)
     print_summary(metrics)
-    print(f"wrote {fig_dir}/fig_*.png and {os.path.join(args.out_dir, 'toy_metrics.json')} in {metrics['wall_time_s']} s")
+    print(f"wrote {fig_dir}/fig_*.png and {metrics_path} in {metrics['wall_time_s']} s")
     return metrics
+
+
+# ===== MACHINERY (skip on a first read): files, interruption, the command line ======================
+class UserError(Exception):
+    """A mistake in the command line or inputs: reported as one line on stderr, exit code 2."""
+
+
+def validate_args(args: Args) -> None:
+    if args.num_samples < 1000:
+        raise UserError(f"--num-samples must be >= 1000, got {args.num_samples}")
+    if not 0.0 < args.m < SUP_DELTA / 4:
+        raise UserError(f"--m must be in (0, {SUP_DELTA / 4}) so the phase map (w up to 0.5) shows the boundary, "
+                        f"got {args.m}")
+    if not 0.0 < args.w_step <= 0.05:
+        raise UserError(f"--w-step must be in (0, 0.05], got {args.w_step}")
+    if args.train_steps < 1:
+        raise UserError(f"--train-steps must be >= 1, got {args.train_steps}")
+    if not 1.0 <= args.freeze_ratio <= 1e30:  # float32 states overflow to inf a few decades above
+        raise UserError(f"--freeze-ratio must be in [1, 1e30], got {args.freeze_ratio}")
+
+
+def parse_cli(args_type, argv: Optional[list[str]] = None):
+    """tyro.cli, but a parse error becomes one line on stderr and exit code 2."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(args_type, args=argv)
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            raise
+        # tyro draws a box: its title and the text before its first rule make the line
+        title, _, body = captured.getvalue().split("│ ─")[0].partition("\n")
+        print(f"error: {box_text(title)}: {box_text(body)} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def box_text(text: str) -> str:
+    return " ".join(re.sub(r"[╭╮╰╯│─]", " ", text).split())
+
+
+def replace_atomic(path: str, write) -> None:
+    """write(tmp) then os.replace: a reader never sees half a file, and no error (nor a second
+    Ctrl-C) leaves the temp file behind."""
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj) -> None:
+    text = json.dumps(obj, indent=2, allow_nan=False)  # a NaN fails here, before any file is touched
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    replace_atomic(path, write)
+
+
+def save_figure(fig, path: str) -> None:
+    try:
+        replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM (command line only): stop, leaving only complete files."""
+
+
+def raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
 
 
 if __name__ == "__main__":
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, raise_interrupted)
     try:
-        main(parse_cli())
+        main(parse_cli(Args))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,5 +1,6 @@
 """Tests of td3_intrinsic_trading.py: env, data, metrics and normalizer by hand; the freeze by a real run."""
 
+import copy
 import json
 import math
 import os
@@ -21,10 +22,28 @@ SCRIPT = os.path.join(ROOT, "td3_intrinsic_trading.py")
 
 
 # --- environment and data -------------------------------------------------------------------------
+RAW_NAMES = tr.prepare_data(tr.Args(), tr.synthetic_market(300, 0), "m").names  # the observation layouts
+STATIONARY_NAMES = tr.prepare_data(tr.Args(state_norm=True), tr.synthetic_market(300, 0), "m").names
+
+
+def zero_features(n, realized_vol=None):
+    """market_features' layout, all zero but the realized vol the risk term reads."""
+    features = {name: np.zeros(n) for name in tr.market_features(np.ones(30), np.ones(30))}
+    if realized_vol is not None:
+        features["realized_vol_10"] = np.asarray(realized_vol, dtype=float)
+    return features
+
+
+def test_observation_layouts_come_from_the_feature_names():
+    assert RAW_NAMES[0] == "close" and RAW_NAMES[-2:] == ["position", "equity"]
+    assert STATIONARY_NAMES[0] == "log_close_over_max20" and STATIONARY_NAMES[-1] == "equity_drawdown"
+    assert RAW_NAMES[1:-1] == STATIONARY_NAMES[1:-1] and "realized_vol_10" in RAW_NAMES
+
+
 def test_env_passes_gymnasium_check_env():
     for args in (tr.Args(), tr.Args(state_norm=True)):  # raw and stationary layouts
         data = tr.prepare_data(args, tr.synthetic_market(2000, 0), "synthetic0")
-        env = tr.make_env(data, data.splits["train"], args, training=True)
+        env = tr.trading_env(data, "train", args, training=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # check_env warns about unbounded Box limits; it must not raise
             check_env(env, skip_render_check=True)
@@ -32,12 +51,12 @@ def test_env_passes_gymnasium_check_env():
 
 def test_rewards_cost_and_risk_by_hand_on_5_steps():
     close = np.array([100.0, 102.0, 99.0, 99.0, 103.95])
-    features = np.zeros((5, tr.N_MARKET_FEATURES))
-    features[:, tr.VOL_IDX] = [0.01, 0.02, 0.01, 0.03, 0.0]  # sigma_t of the risk term
+    features = zero_features(5, [0.01, 0.02, 0.01, 0.03, 0.0])  # sigma_t of the risk term
     env = tr.TradingEnv(close, features, 0, 5, episode_length=None, cost=0.001, risk_penalty=10.0,
                         reward_scale=1.0, initial_equity=1e5)
+    position, equity_col = env.names.index("position"), env.names.index("equity")
     obs, _ = env.reset(seed=0)
-    assert obs[tr.POSITION_IDX] == 0.0 and obs[tr.EQUITY_IDX] == 1e5
+    assert obs[position] == 0.0 and obs[equity_col] == 1e5
     expected = [
         # p=0.5: 0.5*0.02 - 0.001*0.5 - 10*0.25*0.01^2 = 0.01 - 0.0005 - 0.00025
         (0.5, 0.00925, 0.0095),
@@ -54,13 +73,13 @@ def test_rewards_cost_and_risk_by_hand_on_5_steps():
         equity *= 1 + pnl
         assert r == pytest.approx(reward, abs=1e-12)
         assert info["step_return"] == pytest.approx(pnl, abs=1e-12)
-        assert obs[tr.POSITION_IDX] == pytest.approx(p) and obs[tr.EQUITY_IDX] == pytest.approx(equity, rel=1e-6)
+        assert obs[position] == pytest.approx(p) and obs[equity_col] == pytest.approx(equity, rel=1e-6)
         assert not terminated and truncated == (i == 3)  # the split ends after 4 steps
 
 
 def test_ruin_terminates():
     close = np.array([100.0, 5.0, 5.0, 5.0])
-    env = tr.TradingEnv(close, np.zeros((4, tr.N_MARKET_FEATURES)), 0, 4, episode_length=None, cost=0.0,
+    env = tr.TradingEnv(close, zero_features(4), 0, 4, episode_length=None, cost=0.0,
                         risk_penalty=0.0, reward_scale=1.0, initial_equity=1e5)
     env.reset(seed=0)
     _, _, terminated, truncated, _ = env.step(np.array([1.0], dtype=np.float32))
@@ -76,8 +95,10 @@ def test_no_feature_at_t_depends_on_data_after_t(stationary):
     close[t + 1:] *= np.linspace(0.3, 3.0, len(close) - t - 1)  # rewrite the future
     volume[t + 1:] = 1.0
     changed = tr.market_features(close, volume, stationary)
-    np.testing.assert_array_equal(changed[: t + 1], base[: t + 1])
-    assert not np.allclose(changed[t + 1:, 0], base[t + 1:, 0])
+    for name in base:
+        np.testing.assert_array_equal(changed[name][: t + 1], base[name][: t + 1])
+    first = next(iter(base))  # the price level, or its stationary form
+    assert not np.allclose(changed[first][t + 1:], base[first][t + 1:])
     # the env's observation at t (same position and equity so far) is unchanged as well
     env_a = tr.TradingEnv(market.close, base, t - 5, 400, episode_length=None, relative_equity=stationary)
     env_b = tr.TradingEnv(close, changed, t - 5, 400, episode_length=None, relative_equity=stationary)
@@ -94,52 +115,63 @@ def test_features_by_hand():
     close = 100.0 * np.exp(np.cumsum(np.r_[0.0, np.full(29, 0.01)]))  # constant 1% log-returns
     feats = tr.market_features(close, np.full(30, 5.0))
     t = 25
-    assert feats[t, 2] == pytest.approx(0.01)
-    assert feats[t, 3] == pytest.approx(0.0, abs=1e-12)  # no variation, no realized vol
-    assert feats[t, 4] == pytest.approx(0.10)  # 10 steps of 1%
+    assert feats["close"][t] == close[t] and feats["volume"][t] == 5.0
+    assert feats["log_return"][t] == pytest.approx(0.01)
+    assert feats["realized_vol_10"][t] == pytest.approx(0.0, abs=1e-12)  # no variation, no realized vol
+    assert feats["momentum_10"][t] == pytest.approx(0.10)  # 10 steps of 1%
     # MA20 of a geometric series: close_t * mean_k e^{-0.01 k}, k = 0..19, summed in closed form
     ma_ratio = (1 - math.exp(-0.2)) / (20 * (1 - math.exp(-0.01)))
-    assert feats[t, 5] == pytest.approx(1 / ma_ratio - 1)
-    assert feats[t, 5] == pytest.approx(0.09783, abs=1e-5)
-    assert np.isnan(feats[tr.WARMUP - 1, 3])
+    assert feats["close_over_ma20_minus_1"][t] == pytest.approx(1 / ma_ratio - 1)
+    assert feats["close_over_ma20_minus_1"][t] == pytest.approx(0.09783, abs=1e-5)
+    assert np.isnan(feats["realized_vol_10"][tr.WARMUP - 1]) and not np.isnan(feats["realized_vol_10"][tr.WARMUP])
+    # realized vol against a hand loop over crafted returns (population std of the last 10 log-returns)
+    rng = np.random.default_rng(0)
+    rough = 100 * np.exp(np.cumsum(rng.normal(0, 0.02, 40)))
+    vol = tr.market_features(rough, np.ones(40))["realized_vol_10"]
+    log_ret = np.diff(np.log(rough))
+    for t in (20, 27, 39):
+        assert vol[t] == pytest.approx(np.std(log_ret[t - 10:t]), rel=1e-12)
 
 
 def test_stationary_features_by_hand():
     # close rises 1% a step for 25 steps, then falls 2% a step: log(C_t / max C_{t-19..t})
     log_close = np.r_[np.arange(26) * 0.01, 0.25 - np.arange(1, 10) * 0.02]
     feats = tr.market_features(100.0 * np.exp(log_close), np.full(35, 5.0), stationary=True)
-    assert feats[25, 0] == pytest.approx(0.0, abs=1e-12)  # at its 20-step high
-    assert feats[30, 0] == pytest.approx(-0.10)  # five 2% falls below the high at step 25
-    assert np.isnan(feats[tr.WARMUP - 1, 0])
-    np.testing.assert_array_equal(feats[:, 1:], tr.market_features(100.0 * np.exp(log_close), np.full(35, 5.0))[:, 1:])
+    level = feats["log_close_over_max20"]
+    assert level[25] == pytest.approx(0.0, abs=1e-12)  # at its 20-step high
+    assert level[30] == pytest.approx(-0.10)  # five 2% falls below the high at step 25
+    assert np.isnan(level[tr.WARMUP - 1]) and "close" not in feats
+    raw = tr.market_features(100.0 * np.exp(log_close), np.full(35, 5.0))
+    for name in list(feats)[1:]:
+        np.testing.assert_array_equal(feats[name], raw[name])
 
 
 def test_relative_equity_is_the_drawdown_from_the_running_peak():
     close = np.array([100.0, 110.0, 99.0, 108.9, 108.9])
-    env = tr.TradingEnv(close, np.zeros((5, tr.N_MARKET_FEATURES)), 0, 5, episode_length=None, cost=0.0,
+    env = tr.TradingEnv(close, zero_features(5), 0, 5, episode_length=None, cost=0.0,
                         risk_penalty=0.0, reward_scale=1.0, initial_equity=1e5, relative_equity=True)
+    drawdown = env.names.index("equity_drawdown")
     obs, _ = env.reset(seed=0)
-    assert obs[tr.EQUITY_IDX] == 0.0
+    assert obs[drawdown] == 0.0
     # long: equity 1.1e5 (the peak), 0.99e5, 1.089e5; then flat: 1.089e5 stays 1% under the peak
     for position, drawdown in ((1.0, 0.0), (1.0, -0.1), (1.0, -0.01), (0.0, -0.01)):
         obs, *_ = env.step(np.array([position], np.float32))
-        assert obs[tr.EQUITY_IDX] == pytest.approx(drawdown, abs=1e-6)
+        assert obs[env.names.index("equity_drawdown")] == pytest.approx(drawdown, abs=1e-6)
 
 
 def fitted_inputs(market, args, split):
     """Network inputs of a split's reference rollout and of the train-split fit sample."""
     data = tr.prepare_data(args, market, "m")
-    ref = tr.reference_states(tr.make_env(data, data.splits["train"], args, training=False), seed=3)
-    normalizer = tr.StateNormalizer.fit(ref, "zscore", log_volume=True)
-    states = tr.reference_states(tr.make_env(data, data.splits[split], args, training=False), seed=5)
+    ref = tr.reference_states(tr.trading_env(data, "train", args, training=False), seed=3)
+    normalizer = tr.StateNormalizer(data.names, "zscore", log_volume=True).fit(ref)
+    states = tr.reference_states(tr.trading_env(data, split, args, training=False), seed=5)
     return tr.network_inputs(states, normalizer), tr.network_inputs(ref, normalizer)
 
 
 def test_stationary_inputs_are_the_same_for_a_price_series_scaled_by_k():
     market = tr.synthetic_market(1200, 4)
     k = 37.5  # another currency or a split-adjusted history; the capital is scaled with it
-    scaled = tr.Market(close=market.close * k, volume=market.volume, open=market.open * k,
-                       high=market.high * k, low=market.low * k)
+    scaled = tr.Market(close=market.close * k, volume=market.volume)
     base, _ = fitted_inputs(market, tr.Args(state_norm=True, market_steps=1200), "test")
     moved, _ = fitted_inputs(scaled, tr.Args(state_norm=True, market_steps=1200, initial_equity=1e5 * k), "test")
     np.testing.assert_allclose(moved, base, atol=1e-4)
@@ -148,17 +180,17 @@ def test_stationary_inputs_are_the_same_for_a_price_series_scaled_by_k():
 def test_a_trend_takes_raw_levels_out_of_the_fitted_range_but_not_stationary_inputs():
     market = tr.synthetic_market(1200, 4)
     trend = np.exp(np.linspace(0.0, 3.0, 1200))  # x20 over the series, as a stock over a decade
-    trending = tr.Market(close=market.close * trend, volume=market.volume, open=market.open * trend,
-                         high=market.high * trend, low=market.low * trend)
+    trending = tr.Market(close=market.close * trend, volume=market.volume)
     for stationary in (False, True):
         args = tr.Args(state_norm=True, stationary=stationary, market_steps=1200)
         test, fit = fitted_inputs(trending, args, "test")
-        shift = tr.shift_stats(test, fit.min(0), fit.max(0), 10.0, tr.observation_names(args))
-        close = shift["per_dim"][tr.CLOSE_IDX]["outside_fit_range"]
+        names = tr.prepare_data(args, trending, "m").names
+        shift = tr.shift_stats(test, fit.min(0), fit.max(0), 10.0, names)
+        close = shift["per_dim"][0]["outside_fit_range"]  # the level: the first feature in both layouts
         if stationary:  # the price against its 20-step high: inside the fitted range
             assert close == 0.0 and shift["outside_fit_range_max"] < 0.01
         else:  # the z-scored level: every test step above anything the train split showed
-            assert close == 1.0 and test[:, tr.CLOSE_IDX].min() > fit[:, tr.CLOSE_IDX].max()
+            assert close == 1.0 and test[:, 0].min() > fit[:, 0].max()
 
 
 def test_synthetic_market_regimes():
@@ -167,7 +199,6 @@ def test_synthetic_market_regimes():
     bull, bear = m.regime[1:] == 0, m.regime[1:] == 1
     assert m.close[0] == 100.0
     assert r[bull].std() == pytest.approx(0.010, rel=0.1) and r[bear].std() == pytest.approx(0.018, rel=0.1)
-    assert np.all(m.high >= np.maximum(m.open, m.close)) and np.all(m.low <= np.minimum(m.open, m.close))
     assert np.median(m.volume) == pytest.approx(3e6 * math.exp(0.1), rel=0.15)  # 8|r| adds ~0.06, bear 0.4 * share
 
 
@@ -198,8 +229,7 @@ def test_csv_is_read_sorted_and_adjusted(tmp_path):
     m = tr.load_csv(path)
     assert len(m.close) == 250
     assert m.dates == sorted(m.dates)
-    assert m.close[0] == pytest.approx(200.0)  # Close 100 scaled by Adj Close / Close = 2
-    assert m.open[0] == pytest.approx(200.0) and m.high[0] == pytest.approx(202.0)
+    assert m.close[0] == pytest.approx(200.0)  # the adjusted close: Close 100 scaled by Adj Close / Close = 2
     assert m.volume[0] == 1000
 
 
@@ -225,13 +255,25 @@ def test_bad_csv_is_a_clear_error(tmp_path, mutate, words):
         tr.load_csv(path)
 
 
-def test_bad_csv_from_the_command_line_is_one_line_exit_2(tmp_path):
-    for argv in (["--data-csv", str(tmp_path / "missing.csv")], ["--train-frac", "0.9", "--val-frac", "0.2"]):
-        result = subprocess.run([sys.executable, SCRIPT, *argv, "--runs-dir", str(tmp_path / "runs")],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
-        assert not (tmp_path / "runs").exists()
+def run_cli(capsys, *argv):
+    """The command line in process (a subprocess costs seconds of imports): (exit code, stderr)."""
+    saved, sys.argv = sys.argv, [SCRIPT, *argv]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            tr.run_command_line(tr.main, tr.Args)
+    finally:
+        sys.argv = saved
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_bad_csv_from_the_command_line_is_one_line_exit_2(tmp_path, capsys):
+    result = subprocess.run([sys.executable, SCRIPT, "--data-csv", str(tmp_path / "missing.csv"), "--runs-dir",
+                             str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: cannot read --data-csv")
+    code, err = run_cli(capsys, "--train-frac", "0.9", "--val-frac", "0.2", "--runs-dir", str(tmp_path / "runs"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: --train-frac (0.9)")
+    assert not (tmp_path / "runs").exists()
 
 
 def write_rows(path, header, rows, delimiter=",", encoding="utf-8"):
@@ -262,8 +304,12 @@ def test_csv_with_a_bom_or_another_delimiter_reads_the_same(tmp_path, delimiter,
 
 def test_semicolon_csv_with_decimal_commas(tmp_path):
     rows = [[c if i == 0 else str(c).replace(".", ",") for i, c in enumerate(r)] for r in iso_rows(250)]
+    rows[5][2] = "abc"  # High is checked as a number too, though only the close and volume are used
+    with pytest.raises(tr.UserError, match="row 7: high 'abc' is not a number"):
+        tr.load_csv(write_rows(tmp_path / "eu.csv", OHLCV, rows, ";"))
+    rows[5][2] = "101,5"
     m = tr.load_csv(write_rows(tmp_path / "eu.csv", OHLCV, rows, ";"))
-    assert m.close[5] == pytest.approx(100.5) and m.high[5] == pytest.approx(101.5)
+    assert m.close[5] == pytest.approx(100.5) and m.close[7] == pytest.approx(100.7) and m.volume[5] == 1005
 
 
 def test_null_and_empty_rows_are_skipped_with_one_counted_warning(tmp_path, capsys):
@@ -316,13 +362,13 @@ def test_constant_price_is_an_error(tmp_path):
         tr.load_csv(write_rows(tmp_path / "flat.csv", OHLCV, rows))
 
 
-def test_csv_quirk_from_the_command_line_is_one_line_exit_2(tmp_path):
+def test_csv_quirk_from_the_command_line_is_one_line_exit_2(tmp_path, capsys):
     rows = iso_rows(250)
     rows.insert(8, list(rows[7]))
     path = write_rows(tmp_path / "dup.csv", OHLCV, rows)
-    result = run_cli("--data-csv", path, "--runs-dir", str(tmp_path / "runs"))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: row 10:")
+    code, err = run_cli(capsys, "--data-csv", path, "--runs-dir", str(tmp_path / "runs"))
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("error: row 10:")
     assert not (tmp_path / "runs").exists()
 
 
@@ -346,17 +392,17 @@ SHORT = ["--total-timesteps", "1500", "--learning-starts", "500", "--market-step
          "--eval-frequency", "500", "--no-compile", "--no-cuda"]
 
 
-def test_diverging_run_is_one_error_line_and_status_diverged(tmp_path):
-    result = run_cli(*SHORT, "--learning-rate", "1e6", "--runs-dir", str(tmp_path))
-    assert result.returncode == 1
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+def test_diverging_run_is_one_error_line_and_status_diverged(tmp_path, capsys):
+    code, err = run_cli(capsys, *SHORT, "--learning-rate", "1e6", "--runs-dir", str(tmp_path))
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     [run_dir] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
     summary = read_json(run_dir, "summary.json")
     assert summary["status"] == "diverged" and summary["exit_code"] == 1
     step = summary["steps"]["baseline"]
     assert 500 < step <= 500 + tr.LOG_EVERY_UPDATES  # within one logging interval of the first update
-    assert result.stderr.startswith(f"error: [baseline] training diverged at step {step}: ")
-    assert "--learning-rate 1e+06" in result.stderr and "use --state-norm" in result.stderr  # raw inputs here
+    assert err.startswith(f"error: [baseline] training diverged at step {step}: ")
+    assert "--learning-rate 1e+06" in err and "use --state-norm" in err  # raw inputs here
     assert "intrinsic" not in summary["steps"]  # the second agent never started
     files = {f for _, _, fs in os.walk(run_dir) for f in fs}
     assert "eval_test.json" not in files and not [f for f in files if ".tmp" in f]
@@ -399,8 +445,7 @@ def test_performance_metrics_by_hand():
 
 def test_flat_and_buy_and_hold_benchmarks():
     close = np.array([100.0, 110.0, 99.0, 108.9])
-    features = np.zeros((4, tr.N_MARKET_FEATURES))
-    b = tr.benchmark_metrics(close, features, (0, 4), 1.0, tr.Args(cost_bp=10.0))["metrics"]
+    b = tr.benchmark_metrics(close, np.zeros(4), (0, 4), 1.0, tr.Args(cost_bp=10.0))["metrics"]
     # buy and hold: +10% less 10 bp entry, -10%, +10%
     assert b["buy_and_hold"]["total_return"] == pytest.approx((1 + 0.1 - 0.001) * 0.9 * 1.1 - 1)
     assert b["buy_and_hold"]["turnover"] == 1.0
@@ -422,18 +467,20 @@ def test_state_normalizer_zscore_and_robust_against_numpy():
     x = np.column_stack([rng.normal(100, 5, 500), np.exp(rng.normal(15, 0.3, 500)), rng.normal(0, 0.01, 500),
                          rng.uniform(0, 0.02, 500), rng.normal(0, 0.05, 500), rng.normal(0, 0.02, 500),
                          rng.uniform(-1, 1, 500), rng.normal(1e5, 1e3, 500)])
-    z = tr.StateNormalizer.fit(x, "zscore", log_volume=True)
+    z = tr.StateNormalizer(RAW_NAMES, "zscore", log_volume=True).fit(x)
     logged = x.copy()
-    logged[:, 1] = np.log1p(logged[:, 1])
-    np.testing.assert_allclose(z.center, logged.mean(0))
-    np.testing.assert_allclose(z.scale, logged.std(0))
-    out = z(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    logged[:, RAW_NAMES.index("volume")] = np.log1p(logged[:, RAW_NAMES.index("volume")])
+    np.testing.assert_allclose(z.center.numpy(), logged.mean(0))
+    np.testing.assert_allclose(z.scale.numpy(), logged.std(0))
+    with torch.no_grad():
+        out = z(torch.as_tensor(x, dtype=torch.float32)).numpy()
     np.testing.assert_allclose(out, np.clip((logged - logged.mean(0)) / logged.std(0), -10, 10), atol=2e-3)
-    r = tr.StateNormalizer.fit(x, "robust", log_volume=False)
-    np.testing.assert_allclose(r.center, np.median(x, 0))
-    np.testing.assert_allclose(r.scale, np.percentile(x, 75, 0) - np.percentile(x, 25, 0))
+    r = tr.StateNormalizer(RAW_NAMES, "robust", log_volume=False).fit(x)
+    np.testing.assert_allclose(r.center.numpy(), np.median(x, 0))
+    np.testing.assert_allclose(r.scale.numpy(), np.percentile(x, 75, 0) - np.percentile(x, 25, 0))
     far = torch.as_tensor(x[:1] + 1e9, dtype=torch.float32)
-    assert torch.all(r(far) <= 10.0)
+    with torch.no_grad():
+        assert torch.all(r(far) <= 10.0) and r.fit_count.item() == 500
 
 
 # --- the freeze, reproduced and lifted ------------------------------------------------------------
@@ -442,16 +489,20 @@ def read_json(run_dir, name):
         return json.load(f)
 
 
-@pytest.fixture(scope="module")
+# Every test that runs the compiled trading update is marked xdist_group("compiled_trading"): one worker
+# then builds its graphs once (on a fresh machine each C++ build costs 20-30 s) and the fixtures run once.
+@pytest.fixture(scope="session")
 def freeze_runs(tmp_path_factory):
     """The issues' two commands: the note's puzzle (raw features, rnd) and the fix (--state-norm, sa-rnd).
     Both are paired runs, so each also holds a plain TD3 baseline trained on the same seeds."""
     out = tmp_path_factory.mktemp("freeze")
-    common = dict(seed=1, total_timesteps=6000, learning_starts=1000, runs_dir=str(out), cuda=False)
+    common = dict(seed=1, total_timesteps=2000, learning_starts=1000, market_steps=5000, runs_dir=str(out),
+                  cuda=False)
     return {"raw": tr.main(tr.Args(state_norm=False, intrinsic_kind="rnd", intrinsic_coef=0.5, **common)),
             "norm": tr.main(tr.Args(state_norm=True, intrinsic_kind="sa-rnd", **common))}
 
 
+@pytest.mark.xdist_group("compiled_trading")
 def test_freeze_reproduces_without_normalization_and_lifts_with_it(freeze_runs):
     raw, norm = freeze_runs["raw"], freeze_runs["norm"]
     # on the eval trajectory (validation split, last evaluation) ...
@@ -466,6 +517,7 @@ def test_freeze_reproduces_without_normalization_and_lifts_with_it(freeze_runs):
     assert norm_scale["p99_abs_spread"]["post"] <= 10 and norm_scale["mode"] == "zscore" and norm_scale["log_volume"]
 
 
+@pytest.mark.xdist_group("compiled_trading")
 def test_run_folder_files_and_schemas(freeze_runs):
     run_dir = freeze_runs["norm"]["run_dir"]
     files = set(os.listdir(run_dir))
@@ -479,36 +531,38 @@ def test_run_folder_files_and_schemas(freeze_runs):
     for part in ("summary", "test"):
         assert {"near_bound_ratio", "actor_collapse_detected", "kappa_mean", "kappa_p10"} <= set(sat[part])
     assert sat["summary"] == sat["history"][-1]
-    assert [h["global_step"] for h in sat["history"]] == [1000, 2000, 3000, 4000, 5000, 6000]
+    assert [h["global_step"] for h in sat["history"]] == [1000, 2000]
     # --keep-best: the kept checkpoint is the first evaluation with the best validation Sharpe
     sharpes = [h["val_sharpe"] for h in sat["history"]]
     assert sat["selected_step"] == 1000 * (sharpes.index(max(sharpes)) + 1)
     assert sat["selected_val"]["near_bound_ratio"] == sat["history"][sharpes.index(max(sharpes))]["near_bound_ratio"]
     scale = read_json(run_dir, "state_scale_summary.json")
-    assert scale["feature_names"] == tr.STATIONARY_FEATURE_NAMES and scale["stationary"]
+    assert scale["feature_names"] == STATIONARY_NAMES and scale["stationary"]
     assert scale["feature_transforms"]["log_close_over_max20"].startswith("log(close_t / max(close_t-19..t)), zscore")
     assert scale["feature_transforms"]["volume"].startswith("log1p, zscore")
     assert scale["feature_transforms"]["equity_drawdown"].startswith("equity_t / running peak")
-    assert scale["fit_sample_count"] == 6999 - tr.WARMUP  # one state per step of the train split [20, 7000)
+    assert scale["fit_sample_count"] == 3499 - tr.WARMUP  # one state per step of the train split [20, 3500)
+    n = len(STATIONARY_NAMES)
     for key in ("pre_stats", "post_stats"):
-        assert len(scale[key]["per_dim"]) == 8 and set(scale[key]["global"]) == {"min", "max", "p95_abs", "p99_abs"}
+        assert len(scale[key]["per_dim"]) == n and set(scale[key]["global"]) == {"min", "max", "p95_abs", "p99_abs"}
     for split in ("val", "test"):  # the shift audit: the states seen in evaluation against the fit range
         stats = scale["shift"]["agents"]["baseline"][split]
-        assert stats["shape"] == [1499, 8] and {"clip_ratio", "outside_fit_range"} <= set(stats["per_dim"][0])
+        assert stats["shape"] == [749, n] and {"clip_ratio", "outside_fit_range"} <= set(stats["per_dim"][0])
+        assert stats["clip_ratio_max"] < 0.01  # stationary inputs: nothing at the clip out of sample
     raw_scale = read_json(freeze_runs["raw"]["run_dir"], "state_scale_summary.json")
-    assert raw_scale["feature_names"] == tr.FEATURE_NAMES and set(raw_scale["feature_transforms"].values()) == {"raw"}
+    assert raw_scale["feature_names"] == RAW_NAMES and set(raw_scale["feature_transforms"].values()) == {"raw"}
 
 
 # --- intrinsic rewards and the paired audit ------------------------------------------------------
 def test_rnd_error_falls_on_repeated_inputs_and_stays_higher_on_new_ones():
     torch.manual_seed(0)
-    rnd = tr.RND("rnd", 8, torch.device("cpu"), seed=0, lr=1e-3)
+    rnd = tr.RND("rnd", 8, seed=0, lr=1e-3)
     seen = torch.randn(256, 8) * 3 + 1
-    before = rnd.prediction_error(None, None, seen).mean().item()
-    for _ in range(300):
-        rnd.bonus(None, None, seen)
-    after = rnd.prediction_error(None, None, seen).mean().item()
-    new = rnd.prediction_error(None, None, torch.randn(256, 8) * 3 + 1).mean().item()
+    before = rnd.prediction_error(seen).mean().item()
+    for _ in range(600):
+        rnd(None, None, seen)  # kind rnd reads s' only
+    after = rnd.prediction_error(seen).mean().item()
+    new = rnd.prediction_error(torch.randn(256, 8) * 3 + 1).mean().item()
     assert after < 0.5 * before  # the predictor learned what it saw
     assert new > 2 * after  # and novel states keep a higher error
 
@@ -520,34 +574,47 @@ def test_compile_without_a_cxx_compiler_is_a_user_error(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
-def test_compiled_rnd_step_matches_eager():
-    """The RND step compiled (stats, predictor, Adam in one graph) against the eager one: every
-    in-place state update must survive compilation."""
-    eager = tr.RND("sa-rnd", 8, torch.device("cpu"), seed=0, lr=1e-3)
-    compiled = tr.RND("sa-rnd", 8, torch.device("cpu"), seed=0, lr=1e-3)
-    compiled_bonus = torch.compile(compiled.bonus, fullgraph=True)  # as inside the compiled critic step
+@pytest.mark.xdist_group("compiled_trading")
+def test_compiled_update_matches_eager_update():
+    """The one compiled-vs-eager parity test: the intrinsic agent's update (critic, actor, RND predictor) at
+    the default shape, which the other compiled tests and the main command reuse."""
+    args = tr.Args(state_norm=True, intrinsic_kind="sa-rnd", cuda=False)
+    agents = []
+    for compile_ in (False, True):
+        agent = tr.TD3(8, tr.dataclasses.replace(args, compile=compile_), torch.device("cpu"), None, seed=0,
+                       intrinsic=tr.RND("sa-rnd", 8, seed=0))
+        if compile_:
+            tr.compile_update(agent)
+        agents.append(agent)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        obs, actions = torch.randn(64, 8, generator=gen) * 2, torch.rand(64, 1, generator=gen) * 2 - 1
-        b_eager, b_compiled = eager.bonus(obs, actions, None), compiled_bonus(obs, actions, None)
-        assert torch.allclose(b_eager, b_compiled, rtol=1e-4, atol=1e-6)
-    assert eager.input_stats.count.item() == compiled.input_stats.count.item() == 320
-    assert torch.allclose(eager.error_stats.var, compiled.error_stats.var, rtol=1e-4)
-    for name, p in eager.predictor.named_parameters():
-        assert torch.allclose(p, compiled.predictor_params[name], atol=1e-6)
+    for _ in range(4):
+        batch = (torch.randn(256, 8, generator=gen), torch.rand(256, 1, generator=gen) * 2 - 1,
+                 torch.randn(256, generator=gen), torch.zeros(256), torch.randn(256, 8, generator=gen))
+        m_eager, m_compiled = (agent.update(batch) for agent in agents)
+        assert torch.allclose(m_eager["qf_losses"], m_compiled["qf_losses"], rtol=1e-4)
+        assert torch.allclose(m_eager["rewards"], m_compiled["rewards"], rtol=1e-4, atol=1e-6)  # r_tot: RND inside
+    eager, compiled = agents
+    for name in ("actor", "qf", "actor_target", "qf_target"):
+        for p, q in zip(getattr(eager, name).parameters(), getattr(compiled, name).parameters()):
+            assert torch.allclose(p, q, atol=1e-5), name
+    for p, q in zip(eager.intrinsic.predictor.parameters(), compiled.intrinsic.predictor.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+    assert eager.intrinsic.input_stats.count.item() == compiled.intrinsic.input_stats.count.item() == 1024
+    assert eager.intrinsic_mean_delta() == pytest.approx(compiled.intrinsic_mean_delta(), rel=1e-5)
 
 
 def test_sa_rnd_bonus_varies_with_the_action_rnd_does_not():
     obs, next_obs = torch.randn(64, 8), torch.randn(64, 8)
     low, high = torch.full((64, 1), -0.8), torch.full((64, 1), 0.8)
     for kind, depends in (("rnd", False), ("sa-rnd", True)):
-        rnd = tr.RND(kind, 8, torch.device("cpu"), seed=0)
-        rnd.input_stats.update(torch.cat([obs, low], -1) if kind == "sa-rnd" else next_obs)
-        e_low = rnd.prediction_error(obs, low, next_obs)
-        e_high = rnd.prediction_error(obs, high, next_obs)
-        assert (not torch.equal(e_low, e_high)) == depends
+        rnd = tr.RND(kind, 8, seed=0)
+        rnd(obs, torch.rand(64, 1, generator=torch.Generator().manual_seed(0)) * 2 - 1, next_obs)  # varied actions
+        bonus_low = copy.deepcopy(rnd)(obs, low, next_obs)  # the same RND, scoring the same states
+        bonus_high = copy.deepcopy(rnd)(obs, high, next_obs)  # with another action
+        assert (not torch.equal(bonus_low, bonus_high)) == depends
 
 
+@pytest.mark.xdist_group("compiled_trading")
 def test_intrinsic_coef_zero_gives_bit_identical_agents(tmp_path):
     summary = tr.main(tr.Args(seed=2, total_timesteps=1500, learning_starts=500, eval_frequency=750,
                               intrinsic_kind="rnd", intrinsic_coef=0.0, runs_dir=str(tmp_path), cuda=False,
@@ -559,6 +626,7 @@ def test_intrinsic_coef_zero_gives_bit_identical_agents(tmp_path):
     assert summary["test"]["agents"]["baseline"] == summary["test"]["agents"]["intrinsic"]
 
 
+@pytest.mark.xdist_group("compiled_trading")
 def test_the_notes_puzzle_value_moved_policy_frozen(freeze_runs):
     raw = freeze_runs["raw"]
     paired = raw["paired"]
@@ -573,17 +641,16 @@ def test_the_notes_puzzle_value_moved_policy_frozen(freeze_runs):
     assert sat["diagnosis"]["code"] == "R1" and sat["diagnosis"]["advice"]
 
 
+@pytest.mark.xdist_group("compiled_trading")
 def test_sa_rnd_with_state_norm_moves_the_actions(freeze_runs):
     norm = freeze_runs["norm"]
     assert norm["paired"]["action_equal_ratio"] < 0.999
     assert norm["diagnosis"]["code"] in ("R2", "R3")
 
 
-@pytest.mark.parametrize("compile_", [False, True])
-def test_actor_loss_adds_the_preactivation_penalty(compile_):
-    """actor_loss = -mean Q1(s, tanh(u)) + beta * mean(u^2), both terms computed here independently,
-    by the eager update and by the compiled one."""
-    args = tr.Args(policy_frequency=1, preactivation_penalty=0.25, hidden_size=8, compile=compile_)
+def test_actor_loss_adds_the_preactivation_penalty():
+    """actor_loss = -mean Q1(s, tanh(u)) + beta * mean(u^2), both terms computed here independently."""
+    args = tr.Args(policy_frequency=1, preactivation_penalty=0.25, hidden_size=8, compile=False)
     agent = tr.TD3(8, args, torch.device("cpu"), None, seed=0)
     gen = torch.Generator().manual_seed(1)
     obs, next_obs = torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen)
@@ -591,7 +658,7 @@ def test_actor_loss_adds_the_preactivation_penalty(compile_):
     with torch.no_grad():
         h = torch.relu(agent.actor.fc2(torch.relu(agent.actor.fc1(obs))))
         u = h @ agent.actor.fc_mu.weight.T + agent.actor.fc_mu.bias
-    qf_before = tr.copy.deepcopy(agent.qf)
+    qf_before = copy.deepcopy(agent.qf)
     loss = agent.update(batch)["actor_loss"].item()
     with torch.no_grad():  # the actor step uses the critic just updated in the same call
         q1 = agent.qf.q1(obs, torch.tanh(u))
@@ -606,14 +673,18 @@ def test_preactivation_penalty_default_is_for_normalized_inputs_only():
     assert tr.preactivation_penalty(tr.Args(preactivation_penalty=0.01)) == 0.01
 
 
+RAW_FIX = tr.input_fix(tr.Args())  # what diagnose advises a run on raw features
+LEVELS_FIX = tr.input_fix(tr.Args(state_norm=True, stationary=False))  # ... on z-scored levels
+
+
 def test_diagnosis_rules_on_crafted_numbers():
     base = dict(action_equal_ratio=1.0, eval_value_mae=0.0, intrinsic_mean_delta=0.3, q1_delta_mean=2.0)
-    assert tr.diagnose(base, 1.0, 1e5)["code"] == "R1"
-    assert "--state-norm" in tr.diagnose(base, 1.0, 1e5)["advice"]
-    assert "sa-rnd" in tr.diagnose(base, 0.1, 1e5)["advice"]  # free actor, frozen policy: redesign r_int
-    assert tr.diagnose({**base, "action_equal_ratio": 0.5}, 0.1, 1e5)["code"] == "R2"
-    assert tr.diagnose({**base, "action_equal_ratio": 0.5, "eval_value_mae": 40.0}, 0.1, 1e5)["code"] == "R3"
-    assert tr.diagnose({**base, "intrinsic_mean_delta": 0.0}, 0.1, 1e5)["code"] == "R4"
+    assert tr.diagnose(base, 1.0, 1e5, fix=RAW_FIX)["code"] == "R1"
+    assert "--state-norm" in tr.diagnose(base, 1.0, 1e5, fix=RAW_FIX)["advice"]
+    assert "sa-rnd" in tr.diagnose(base, 0.1, 1e5, fix=RAW_FIX)["advice"]  # free actor, frozen policy: redesign r_int
+    assert tr.diagnose({**base, "action_equal_ratio": 0.5}, 0.1, 1e5, fix=RAW_FIX)["code"] == "R2"
+    assert tr.diagnose({**base, "action_equal_ratio": 0.5, "eval_value_mae": 40.0}, 0.1, 1e5, fix=RAW_FIX)["code"] == "R3"
+    assert tr.diagnose({**base, "intrinsic_mean_delta": 0.0}, 0.1, 1e5, fix=RAW_FIX)["code"] == "R4"
 
 
 def test_a_split_too_short_for_training_is_one_user_error(tmp_path):
@@ -626,9 +697,8 @@ def test_a_split_too_short_for_training_is_one_user_error(tmp_path):
 # --- rule baseline and the shift audit on crafted numbers ------------------------------------------
 def test_volatility_filter_on_a_crafted_series():
     close = np.array([100.0, 101.0, 99.0, 102.0, 102.0, 96.9])
-    features = np.zeros((6, tr.N_MARKET_FEATURES))
-    features[:, tr.VOL_IDX] = [0.01, 0.03, 0.01, 0.005, 0.02, 0.0]
-    b = tr.benchmark_metrics(close, features, (0, 6), 0.02, tr.Args(cost_bp=10.0, periods_per_year=4))
+    realized_vol = np.array([0.01, 0.03, 0.01, 0.005, 0.02, 0.0])
+    b = tr.benchmark_metrics(close, realized_vol, (0, 6), 0.02, tr.Args(cost_bp=10.0, periods_per_year=4))
     # vol < 0.02 at steps 0, 2, 3 -> long, long... positions [1, 0, 1, 1, 0] (0.02 itself is not below)
     expected = np.array([0.01 - 0.001, 0.0 - 0.001, 102 / 99 - 1 - 0.001, 0.0, 0.0 - 0.001])
     m = b["metrics"]["vol_filter"]
@@ -653,28 +723,28 @@ def test_distribution_shift_is_named_only_when_test_fails_and_validation_does_no
         return {"per_dim": [{"name": "close", "clip_ratio": close}, {"name": "equity", "clip_ratio": equity}]}
     def sat(val_near, test_near):
         return {"a": {"val": {"near_bound_ratio": val_near}, "test": {"near_bound_ratio": test_near}}}
-    text = tr.distribution_shift({"a": {"val": split(0.0, 0.016), "test": split(0.18, 0.0)}}, sat(0.0, 0.0))
+    text = tr.distribution_shift({"a": {"val": split(0.0, 0.016), "test": split(0.18, 0.0)}}, sat(0.0, 0.0), fix=LEVELS_FIX)
     assert "'close' is at the clip on 18% of test steps (validation 0%)" in text  # equity's 1.6% hides nothing
     assert "bound on 90%" in tr.distribution_shift({"a": {"val": split(0.0, 0.0), "test": split(0.0, 0.0)}},
-                                                   sat(0.1, 0.9))
-    assert tr.distribution_shift({"a": {"val": split(0.0, 0.0), "test": split(0.005, 0.0)}}, sat(0.1, 0.2)) is None
-    assert tr.distribution_shift({"a": {"val": split(0.1, 0.0), "test": split(0.18, 0.0)}}, sat(0.1, 0.2)) is None
+                                                   sat(0.1, 0.9), fix=LEVELS_FIX)
+    assert tr.distribution_shift({"a": {"val": split(0.0, 0.0), "test": split(0.005, 0.0)}}, sat(0.1, 0.2), fix=LEVELS_FIX) is None
+    assert tr.distribution_shift({"a": {"val": split(0.1, 0.0), "test": split(0.18, 0.0)}}, sat(0.1, 0.2), fix=LEVELS_FIX) is None
     raw = {"val": split(None, None), "test": split(None, None)}  # no normalizer: nothing is clipped
-    assert tr.distribution_shift({"a": raw}, sat(1.0, 1.0)) is None  # frozen everywhere is not a shift
+    assert tr.distribution_shift({"a": raw}, sat(1.0, 1.0), fix=LEVELS_FIX) is None  # frozen everywhere is not a shift
     paired = dict(action_equal_ratio=0.5, eval_value_mae=40.0, intrinsic_mean_delta=0.3, q1_delta_mean=2.0)
-    assert tr.diagnose(paired, 0.1, 1e5, shift="distribution shift (x)")["advice"].startswith("distribution shift")
+    assert tr.diagnose(paired, 0.1, 1e5, shift="distribution shift (x)", fix=RAW_FIX)["advice"].startswith("distribution shift")
 
 
 # --- eval-only: a saved agent on other data --------------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def saved_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("saved")
     summary = tr.main(tr.Args(seed=3, state_norm=True, total_timesteps=1500, learning_starts=500, eval_frequency=500,
-                              compile=False,
-                              hidden_size=32, market_steps=3000, save_model=True, runs_dir=str(out), cuda=False))
+                              market_steps=3000, save_model=True, runs_dir=str(out), cuda=False))
     return summary, out
 
 
+@pytest.mark.xdist_group("compiled_trading")
 def test_eval_only_reproduces_the_test_split_and_reads_another_csv(saved_run, tmp_path):
     summary, _ = saved_run
     model = os.path.join(summary["run_dir"], "model.pt")
@@ -683,10 +753,15 @@ def test_eval_only_reproduces_the_test_split_and_reads_another_csv(saved_run, tm
     assert again["test"]["vol_filter"] == summary["test"]["vol_filter"]
     assert {"eval_test.json", "eval_equity.png", "action_saturation.png", "td3_action_saturation.json",
             "shift_audit.json", "summary.json"} <= set(os.listdir(again["run_dir"]))
+    # the shift audit of the same agents on the same split: what training wrote, to the last digit
+    shift = read_json(again["run_dir"], "shift_audit.json")
+    trained = read_json(summary["run_dir"], "state_scale_summary.json")["shift"]["agents"]
+    assert shift["split"] == "test" and set(shift["agents"]) == {"baseline", "intrinsic"}
+    assert shift["agents"]["baseline"]["test"] == trained["baseline"]["test"]
     # the same market written as a CSV, evaluated whole: as many steps as rows after the warm-up
     m = tr.synthetic_market(400, 9)
     path = write_csv(tmp_path / "other.csv", ["Date", "Open", "High", "Low", "Close", "Volume"],
-                     [[str(np.datetime64("2001-01-01") + i), m.open[i], m.high[i], m.low[i], m.close[i], m.volume[i]]
+                     [[str(np.datetime64("2001-01-01") + i), m.close[i], m.close[i], m.close[i], m.close[i], m.volume[i]]
                       for i in range(400)])
     other = tr.main(tr.Args(eval_only=True, checkpoint=model, data_csv=path, eval_split="all", runs_dir=str(tmp_path),
                             cuda=False))
@@ -694,25 +769,22 @@ def test_eval_only_reproduces_the_test_split_and_reads_another_csv(saved_run, tm
     assert set(other["all"]["agents"]) == {"baseline", "intrinsic"}
 
 
-def run_cli(*argv):
-    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
-
-
-def test_eval_only_errors_are_one_line(saved_run, tmp_path):
+@pytest.mark.xdist_group("compiled_trading")
+def test_eval_only_errors_are_one_line(saved_run, tmp_path, capsys):
     summary, _ = saved_run
-    ckpt = torch.load(os.path.join(summary["run_dir"], "model.pt"), weights_only=False)
-    ckpt["feature_names"] = tr.FEATURE_NAMES  # as if saved with the raw-level layout
+    ckpt = torch.load(os.path.join(summary["run_dir"], "model.pt"), weights_only=True)
+    ckpt["feature_names"] = RAW_NAMES  # as if saved with the raw-level layout
     torch.save(ckpt, tmp_path / "other_layout.pt")
     torch.save({"actor": {}}, tmp_path / "foreign.pt")
     (tmp_path / "broken.pt").write_bytes(b"not a zip")
     cases = {str(tmp_path / "missing.pt"): "does not exist", str(tmp_path / "foreign.pt"): "not a td3_intrinsic",
              str(tmp_path / "broken.pt"): "not a readable model.pt", str(tmp_path / "other_layout.pt"): "saved with features"}
     for path, message in cases.items():
-        result = run_cli("--eval-only", "--checkpoint", path, "--runs-dir", str(tmp_path / "runs"))
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
+        code, err = run_cli(capsys, "--eval-only", "--checkpoint", path, "--runs-dir", str(tmp_path / "runs"))
+        assert code == 2, err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
     bad_csv = write_csv(tmp_path / "bad.csv", ["Date", "Close"], [["2001-01-01", 1.0]])
-    result = run_cli("--eval-only", "--checkpoint", os.path.join(summary["run_dir"], "model.pt"), "--data-csv", bad_csv,
-                     "--runs-dir", str(tmp_path / "runs"))
-    assert result.returncode == 2 and "has no open column" in result.stderr
+    code, err = run_cli(capsys, "--eval-only", "--checkpoint", os.path.join(summary["run_dir"], "model.pt"),
+                        "--data-csv", bad_csv, "--runs-dir", str(tmp_path / "runs"))
+    assert code == 2 and "has no open column" in err
     assert not os.path.exists(tmp_path / "runs")  # nothing written before the error

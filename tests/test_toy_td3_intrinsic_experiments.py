@@ -14,7 +14,7 @@ import toy_td3_intrinsic_experiments as toy
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run(tmp_path_factory):
     """One full default run (the command users type). Its speed is in the README, not asserted:
     a loaded CI machine is slower without anything being wrong."""
@@ -23,6 +23,7 @@ def run(tmp_path_factory):
     return out, metrics
 
 
+@pytest.mark.xdist_group("toy_run")
 def test_default_run_writes_every_file(run):
     out, metrics = run
     for name in ("fig_action_gap_phase.png", "fig_gate_and_scale.png", "fig_actor_freeze.png"):
@@ -48,6 +49,7 @@ def test_argmax_flip_by_hand():
     assert toy.action_gap_threshold(0.2, 2.0) == pytest.approx(0.1)
 
 
+@pytest.mark.xdist_group("toy_run")
 def test_action_gap_metrics(run):
     ag = run[1]["action_gap"]
     assert ag["sup_delta"] == 2.0 and ag["m"] == 0.2
@@ -90,6 +92,7 @@ def test_exact_values_against_independent_methods():
     assert ex1["transport"] == pytest.approx(0.3041, abs=5e-4)
 
 
+@pytest.mark.xdist_group("toy_run")
 def test_gate_scale_monte_carlo_numbers(run):
     gs = run[1]["gate_scale"]
     ratios = gs["scale_ratios"]
@@ -114,6 +117,7 @@ def test_gate_scale_monte_carlo_numbers(run):
 
 
 # --- C. training ----------------------------------------------------------------------------------
+@pytest.mark.xdist_group("toy_run")
 def test_actor_freeze_and_flip(run):
     af = run[1]["actor_freeze"]
     freeze = af["freeze"]
