@@ -29,6 +29,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import gzip
 import io
 import json
 import math
@@ -75,7 +76,8 @@ class Args:
     save_model: bool = False
     """write model.pt (networks and normalizer of every agent) at the end"""
     eval_only: bool = False
-    """only evaluate the agents of --checkpoint (with their saved normalizer and settings), then exit"""
+    """only evaluate the agents of --checkpoint (saved networks and normalizer; data, splits, cost, capital and
+    bars per year as given here, else as saved), then exit"""
     checkpoint: Optional[str] = None
     """model.pt written by --save-model, for --eval-only"""
     eval_split: Literal["test", "val", "train", "all"] = "test"
@@ -83,9 +85,10 @@ class Args:
 
     # Market data
     data_csv: Optional[str] = None
-    """OHLCV CSV (Date or Time, Open, High, Low, Close, [Adj Close], Volume); default: synthetic"""
+    """price CSV or .csv.gz (a date column or Date and Time, Close, [Adj Close], Volume); default: synthetic"""
     accept_suspect_rows: bool = False
-    """--data-csv: keep repeated timestamps and one-step moves beyond +100%/-90% (stopped as likely errors)"""
+    """--data-csv: keep repeated timestamps, split-ratio moves of unadjusted prices and one-step moves beyond
+    +100%/-90% (stopped as likely errors)"""
     market_seed: int = 0
     """seed of the synthetic two-regime market (independent of --seed: every seed sees one market)"""
     market_steps: int = 10000
@@ -106,8 +109,9 @@ class Args:
     """multiplies the per-step reward (daily returns ~1e-2 become ~1)"""
     initial_equity: float = 1e5
     """starting equity in currency units (the raw observation shows it, ~1e5)"""
-    periods_per_year: int = 252
-    """steps per year, for annualized return, volatility, Sharpe and Sortino"""
+    periods_per_year: Optional[int] = None
+    """bars per year, for annualized return, volatility, Sharpe and Sortino; default: from the CSV's timestamps
+    (daily stocks 252, hourly FX 6240, ...), 252 for the synthetic (daily) market"""
 
     # State normalization
     state_norm: bool = False
@@ -168,6 +172,8 @@ class Market:
     volume: np.ndarray
     dates: Optional[list] = None
     regime: Optional[np.ndarray] = None  # synthetic only: 1 = bear
+    periods_per_year: int = 252  # bars per year (a CSV's: from its timestamps); the synthetic market is daily
+    frequency: str = "daily bars (the synthetic market)"
 
 
 def synthetic_market(n_steps: int, seed: int) -> Market:
@@ -408,17 +414,15 @@ class StateNormalizer(nn.Module):
     def __init__(self, names: list[str], kind: str, log_volume: bool, clip: float = 10.0):
         super().__init__()
         self.kind, self.clip = kind, clip
-        self.log_columns = [names.index("volume")] if log_volume else []
+        log_columns = torch.tensor([log_volume and name == "volume" for name in names])
+        self.register_buffer("log_columns", log_columns, persistent=False)  # from the flags, not saved
         self.register_buffer("center", torch.zeros(len(names), dtype=torch.float64))
         self.register_buffer("scale", torch.ones(len(names), dtype=torch.float64))
         self.register_buffer("fit_count", torch.zeros((), dtype=torch.int64))
 
     def transform_raw(self, x: torch.Tensor) -> torch.Tensor:
-        """log1p on the volume column."""
-        if self.log_columns:
-            x = x.clone()
-            x[..., self.log_columns] = torch.log1p(x[..., self.log_columns])
-        return x
+        """log1p on the volume column (one select, not a copy and an indexed write: this runs every step)."""
+        return torch.where(self.log_columns, torch.log1p(x), x)
 
     def fit(self, states: np.ndarray) -> "StateNormalizer":
         x = self.transform_raw(torch.as_tensor(np.asarray(states), dtype=torch.float64)).numpy()
@@ -478,7 +482,8 @@ class RND(nn.Module):
         return (torch.func.functional_call(self.predictor, params, (x,)) - self.target(x)).square().mean(dim=-1)
 
     def predictor_gradients(self, obs: torch.Tensor, actions: torch.Tensor, next_obs: torch.Tensor):
-        """Update the input statistics, score the batch, and the gradient of the predictor's loss on it."""
+        """Update the input statistics, score the batch, and the gradient of the predictor's loss on it;
+        r_int = error / running std of the errors."""
         x = next_obs if self.kind == "rnd" else torch.cat([obs, actions], dim=-1)
         self.input_stats.update(x)
 
@@ -486,14 +491,14 @@ class RND(nn.Module):
             error = self.prediction_error(x, params)
             return error.mean(), error
         grads, (_, error) = torch.func.grad_and_value(loss, has_aux=True)(dict(self.predictor.named_parameters()))
-        return grads, error
+        self.error_stats.update(error[:, None])
+        return grads, error / torch.sqrt(self.error_stats.var + 1e-8).float()
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
         """r_int for a training batch: score it, train the predictor on it."""
-        grads, error = self.predictor_gradients(obs, actions, next_obs)
+        grads, r_int = self.predictor_gradients(obs, actions, next_obs)
         optimizer_step(self.optimizer, self.predictor, grads)
-        self.error_stats.update(error[:, None])
-        return error / torch.sqrt(self.error_stats.var + 1e-8).float()
+        return r_int
 
 
 # ALGO LOGIC: the TD3 update ---------------------------------------------------------------------
@@ -643,6 +648,13 @@ def performance_metrics(step_returns: np.ndarray, positions: np.ndarray, periods
             "steps": n}
 
 
+def q1_mean(agent: TD3, observations: np.ndarray) -> float:
+    """mean Q1(s, pi(s)) over raw observations (the audit compares two critics on one set of states)."""
+    obs = agent.norm(torch.as_tensor(np.asarray(observations), dtype=torch.float32, device=agent.device))
+    with torch.no_grad():
+        return float(agent.qf.q1(obs, agent.actor(obs)).mean())
+
+
 def evaluate_split(agent: TD3, env: TradingEnv, periods_per_year: int) -> dict:
     """The deterministic policy over a whole split from flat; raw actor outputs kept for the audit."""
     obs, _ = env.reset(seed=0)
@@ -656,12 +668,10 @@ def evaluate_split(agent: TD3, env: TradingEnv, periods_per_year: int) -> dict:
         positions.append(env.position)
         equity.append(env.equity)
         done = terminated or truncated
-    obs_t = agent.norm(torch.as_tensor(np.asarray(observations), device=agent.device))
-    with torch.no_grad():
-        q1 = agent.qf.q1(obs_t, agent.actor(obs_t)).cpu().numpy()
     return {"metrics": performance_metrics(np.array(returns), np.array(positions), periods_per_year),
             "observations": np.asarray(observations), "actions": np.array(actions), "positions": np.array(positions),
-            "equity": np.array(equity), "q1_mean": float(q1.mean()), "saturation": action_saturation_stats(actions)}
+            "equity": np.array(equity), "q1_mean": q1_mean(agent, observations),
+            "saturation": action_saturation_stats(actions)}
 
 
 def position_returns(close: np.ndarray, positions: np.ndarray, bounds: tuple, cost: float) -> np.ndarray:
@@ -673,7 +683,7 @@ def position_returns(close: np.ndarray, positions: np.ndarray, bounds: tuple, co
 
 
 def benchmark_metrics(close: np.ndarray, realized_vol: np.ndarray, bounds: tuple, vol_threshold: float,
-                      args: Args) -> dict:
+                      cost: float, periods_per_year: int) -> dict:
     """Buy-and-hold (one entry cost), flat, and the rule baseline vol_filter: long (1) while the 10-step
     realized vol is below its train-split median (vol_threshold), else flat; a bear regime is twice as
     volatile, so low vol says "bull" without looking ahead. Over the agents' evaluation steps."""
@@ -682,8 +692,8 @@ def benchmark_metrics(close: np.ndarray, realized_vol: np.ndarray, bounds: tuple
                  "vol_filter": (realized_vol[start: end - 1] < vol_threshold).astype(np.float64)}
     out = {"metrics": {}, "equity": {}}
     for name, positions in schedules.items():
-        returns = position_returns(close, positions, bounds, args.cost_bp * 1e-4)
-        out["metrics"][name] = performance_metrics(returns, positions, args.periods_per_year)
+        returns = position_returns(close, positions, bounds, cost)
+        out["metrics"][name] = performance_metrics(returns, positions, periods_per_year)
         out["equity"][name] = np.concatenate([[1.0], np.cumprod(1.0 + returns)])
     return out
 
@@ -702,7 +712,7 @@ def train_agent(name: str, args: Args, data, normalizer: Optional[StateNormalize
     if args.compile:
         compile_update(agent)
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, 1, device)
-    log = TrainingLog(name, args, run_dir)  # TensorBoard, the validation history and best checkpoint, progress
+    log = TrainingLog(name, args, run_dir, data.fit_states)  # TensorBoard, validation history, best checkpoint
     env.action_space.seed(args.seed)
     obs, _ = env.reset(seed=args.seed)
     for global_step in range(1, args.total_timesteps + 1):
@@ -722,7 +732,7 @@ def train_agent(name: str, args: Args, data, normalizer: Optional[StateNormalize
                 log.losses(metrics, agent, global_step)  # raises Diverged on NaN/inf
         log.tick(learning, global_step)
         if global_step % args.eval_frequency == 0 or global_step == args.total_timesteps:
-            log.evaluation(evaluate_split(agent, val_env, args.periods_per_year), agent, global_step)
+            log.evaluation(evaluate_split(agent, val_env, data.periods_per_year), agent, global_step)
     log.writer.close()
     return {"agent": agent, "log": log}
 
@@ -736,12 +746,12 @@ def main(args: Args) -> dict:
     data = prepare_data(args, *load_market(args))
     check_split_lengths(data, args)
     # --state-norm: fitted once on a random-action rollout over the train split, then frozen
-    ref = reference_states(trading_env(data, "train", args, training=False), args.seed)
+    data.fit_states = reference_states(trading_env(data, "train", args, training=False), args.seed)
     normalizer = None
     if args.state_norm:
-        normalizer = StateNormalizer(data.names, args.state_norm_kind, args.log_volume).fit(ref).to(device)
+        normalizer = StateNormalizer(data.names, args.state_norm_kind, args.log_volume).fit(data.fit_states).to(device)
     run_dir = make_run_dir(args, data.source, "")
-    write_scale_summary(run_dir, args, data.names, ref, normalizer)
+    write_scale_summary(run_dir, args, data.names, data.fit_states, normalizer)
     trained = {}
     with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: end the step, write summary.json, exit 130 / 143
         try:
@@ -755,11 +765,13 @@ def main(args: Args) -> dict:
             return end_early(args, run_dir, trained, error=err)
     # The paired audit asks what training with r_int did to the policy: the final agents, on test.
     final_test = {name: evaluate_split(t["agent"], trading_env(data, "test", args, training=False),
-                                       args.periods_per_year) for name, t in trained.items()}
+                                       data.periods_per_year) for name, t in trained.items()}
+    pair = {"baseline", "intrinsic"} <= set(trained)
+    final_pair = final_paired({name: t["agent"] for name, t in trained.items()}, final_test) if pair else None
     if args.keep_best:  # early stopping: the performance table tests each agent's best validation checkpoint
         for t in trained.values():
             t["log"].restore_best(t["agent"])
-    return report(args, run_dir, data, ref, normalizer, trained, final_test)  # eval_test.json, audit files, table
+    return report(args, run_dir, data, normalizer, trained, final_test, final_pair)  # test, audit files, table
 
 
 # ===== MACHINERY (skip on a first read): the audit, the run folder, CSV reading, model files, =========
@@ -771,11 +783,13 @@ SHIFT_CLIP_RATIO, SHIFT_NEAR_BOUND = 0.01, 0.5  # shift audit: a feature at the 
 MIN_ROWS = 200  # fewer rows cannot fill three splits after the warm-up
 MISSING_VALUES = {"", "null"}  # what Yahoo-style exports write on holidays: the row is skipped
 MAX_STEP_MOVE, MIN_STEP_MOVE = 1.0, -0.9  # a one-step close move beyond +100% / -90% is likely a data error
+SPLIT_RATIOS = (2, 3, 4, 5, 10)  # usual stock split ratios: without adjusted prices, such a one-step move is named
+SPLIT_TOLERANCE = math.log(1.15)  # a split day's own move is within +-15%
 # Above these, the divergence message names the learning rate or the reward as the likely cause
 # (else it lists every cause): this script's scales are lr ~ 3e-5 and |r_tot| ~ 1-10.
 DIVERGENCE_HINTS = {"learning_rate": 1e-3, "reward": 100.0}
 EXIT_CODES = {"completed": 0, "diverged": 1}  # interrupted: 128 + the signal (130 SIGINT, 143 SIGTERM)
-MODEL_FORMAT = "td3_intrinsic_trading/3"  # bumped when the observation layout or the file's keys change
+MODEL_FORMAT = "td3_intrinsic_trading/4"  # bumped when the observation layout, the keys or their meaning change
 
 
 class UserError(Exception):
@@ -825,13 +839,43 @@ def p99_abs_spread(stats: dict) -> Optional[float]:
     return max(p99) / min(p99) if min(p99) > 0 else None
 
 
-def paired_metrics(base: dict, intr: dict) -> dict:
-    """Step-aligned comparison of two evaluations over the same market segment."""
+def paired_metrics(base: dict, intr: dict, q1_delta: float) -> dict:
+    """Step-aligned comparison of two evaluations over the same market segment; q1_delta: the two critics'
+    mean Q1 on one common set of states (each on its own trajectory would mix a change of states in)."""
     n, m = min(len(base["actions"]), len(intr["actions"])), min(len(base["equity"]), len(intr["equity"]))
     return {"action_equal_ratio": float(np.mean(np.isclose(intr["actions"][:n], base["actions"][:n], rtol=0.0,
                                                            atol=1e-6))),
             "eval_value_mae": float(np.mean(np.abs(intr["equity"][:m] - base["equity"][:m]))),
-            "q1_delta_mean": intr["q1_mean"] - base["q1_mean"]}
+            "q1_delta_mean": q1_delta}
+
+
+def final_paired(agents: dict, results: dict) -> dict:
+    """paired_metrics of the baseline and the intrinsic agent on one split, both critics scored on the union
+    of the two agents' observations there."""
+    common = np.concatenate([results["baseline"]["observations"], results["intrinsic"]["observations"]])
+    q1_delta = q1_mean(agents["intrinsic"], common) - q1_mean(agents["baseline"], common)
+    return paired_metrics(results["baseline"], results["intrinsic"], q1_delta)
+
+
+def verdict(val: dict, val_bench: dict, periods_per_year: int) -> dict:
+    """Per agent, from the validation split: an edge only if its Sharpe beats buy-and-hold, the rule and flat
+    (0) there by more than one standard error of a Sharpe estimate, sqrt(P / n) annualized (Lo 2002, small
+    Sharpe). The kept checkpoint was chosen on this split, so "edge" is a first hurdle, not proof; without
+    one, good test numbers are luck, not evidence of skill."""
+    out = {}
+    for name, m in val.items():
+        noise = math.sqrt(periods_per_year / m["steps"])
+        lead = {b: m["sharpe"] - val_bench[b]["sharpe"] for b in ("buy_and_hold", "vol_filter")}
+        beaten = [b for b, x in lead.items() if x > 0]
+        edge = all(x > noise for x in lead.values()) and m["sharpe"] > noise
+        how = "beats neither" if not beaten else f"beats only {beaten[0]}" if len(beaten) == 1 else \
+            "beats both" if edge else "beats both by less than the noise" if min(lead.values()) <= noise else \
+            "beats both, but is within the noise of flat (0)"
+        out[name] = {"edge": edge, "text": f"{name}: {'edge' if edge else 'no edge learned'}: its validation Sharpe "
+                     f"{m['sharpe']:.2f} {how} (buy_and_hold {val_bench['buy_and_hold']['sharpe']:.2f}, vol_filter "
+                     f"{val_bench['vol_filter']['sharpe']:.2f}, noise {noise:.2f})"
+                     + ("" if edge else "; its test numbers are not evidence of skill")}
+    return out
 
 
 def input_fix(args: Args) -> Optional[str]:
@@ -866,7 +910,7 @@ def diagnose(paired: dict, near_bound: float, initial_equity: float, shift: Opti
                   "tuning normalization")
     else:
         advice = "nothing to audit: raise --intrinsic-coef or pick --intrinsic-kind rnd/sa-rnd" if not moved else \
-            "the intrinsic reward changes the policy: judge it by the test Sharpe and drawdown of both agents"
+            "the intrinsic reward changes the policy: judge it by both agents' verdicts, then their test Sharpe"
     return {"code": code, "text": text, "advice": f"{shift}; then: {advice}" if shift else advice}
 
 
@@ -943,6 +987,9 @@ class MarketData:
     splits: dict  # name -> [start, end)
     vol_threshold: float  # the rule baseline's threshold: median realized vol of the train split
     source: str  # for the run name: the CSV's file name or synthetic{market_seed}
+    periods_per_year: int  # for annualized metrics: --periods-per-year, else from the data
+    frequency: str  # how periods_per_year was found
+    fit_states: Optional[np.ndarray] = None  # reference_states(): the normalizer's fit sample, the audit's states
 
 
 def load_market(args: Args) -> tuple[Market, str]:
@@ -958,8 +1005,10 @@ def prepare_data(args: Args, market: Market, source: str) -> MarketData:
     splits = split_bounds(len(market.close), args.train_frac, args.val_frac)
     lo, hi = splits["train"]
     names = [*features, "position", "equity_drawdown" if stationary else "equity"]
+    periods, frequency = (args.periods_per_year, "--periods-per-year") if args.periods_per_year \
+        else (market.periods_per_year, market.frequency)
     return MarketData(market.close, features, names, splits, float(np.median(features["realized_vol_10"][lo:hi])),
-                      source)
+                      source, periods, frequency)
 
 
 def check_split_lengths(data: MarketData, args: Args) -> None:
@@ -987,8 +1036,8 @@ class TrainingLog:
     """One agent's plumbing: TensorBoard, the learning-phase clock, the validation history and the best
     checkpoint (early stopping on validation Sharpe), progress lines, the divergence check."""
 
-    def __init__(self, name: str, args: Args, run_dir: str):
-        self.name, self.args, self.steps = name, args, 0
+    def __init__(self, name: str, args: Args, run_dir: str, common_states: np.ndarray):
+        self.name, self.args, self.steps, self.common_states = name, args, 0, common_states
         self.writer = SummaryWriter(os.path.join(run_dir, name))
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
@@ -1047,23 +1096,26 @@ class TrainingLog:
         self.check_finite(agent, step)  # never evaluate (or keep as best) a diverged network
         self.val_results.append(result)
         entry = {"global_step": step, **result["saturation"], "val_sharpe": result["metrics"]["sharpe"],
-                 "val_total_return": result["metrics"]["total_return"], "q1_mean": result["q1_mean"]}
+                 "val_total_return": result["metrics"]["total_return"], "q1_mean": result["q1_mean"],
+                 "q1_mean_fit_states": q1_mean(agent, self.common_states)}
         if agent.intrinsic is not None:
             entry["intrinsic_mean_delta"] = agent.intrinsic_mean_delta()
         self.history.append(entry)
         for name, key in (("eval/sharpe", "val_sharpe"), ("eval/total_return", "val_total_return"),
                           ("audit/near_bound_ratio", "near_bound_ratio"), ("audit/kappa_mean", "kappa_mean")):
             self.writer.add_scalar(name, entry[key], step)
-        if entry["val_sharpe"] > self.best_sharpe:  # ties keep the earlier checkpoint
+        # only a trained network can be kept: before learning starts every evaluation scores the initial weights
+        if step > self.args.learning_starts and entry["val_sharpe"] > self.best_sharpe:  # ties keep the earlier
             self.best_sharpe, self.best_step = entry["val_sharpe"], step
-            self.best_state = copy.deepcopy({"actor": agent.actor.state_dict(), "qf": agent.qf.state_dict()})
+            self.best_state = copy.deepcopy({part: getattr(agent, part).state_dict() for part in AGENT_PARTS})
         self.progress(step)
 
     def restore_best(self, agent: TD3) -> None:
         """--keep-best: the reward's noise is 10x its action-dependent drift, so a critic trained long
-        enough fits the noise of the 7000 train steps; validation Sharpe says when that starts."""
-        agent.actor.load_state_dict(self.best_state["actor"])
-        agent.qf.load_state_dict(self.best_state["qf"])
+        enough fits the noise of the 7000 train steps; validation Sharpe says when that starts. The kept
+        step's actor, critic and their targets: model.pt then holds one consistent agent."""
+        for part, state in (self.best_state or {}).items():  # no evaluation after learning started: the final one
+            getattr(agent, part).load_state_dict(state)
 
     def tick(self, learning: bool, step: int) -> None:
         """The learning-phase clock (not evaluating nor compiling) and a progress line now and then."""
@@ -1093,15 +1145,17 @@ class TrainingLog:
 
 
 # THE REPORT: the test split, the audit files, the table, summary.json ------------------------------
-def report(args: Args, run_dir: str, data: MarketData, ref: np.ndarray, normalizer: Optional[StateNormalizer],
-           trained: dict, final_test: dict) -> dict:
+def report(args: Args, run_dir: str, data: MarketData, normalizer: Optional[StateNormalizer], trained: dict,
+           final_test: dict, final_pair: Optional[dict]) -> dict:
     """After training: the kept agents on validation and test, the audit files, model.pt, the summary."""
     agents, logs = {name: t["agent"] for name, t in trained.items()}, {name: t["log"] for name, t in trained.items()}
+    ref = data.fit_states
     inputs = network_inputs(ref, normalizer)
     fit_range = (inputs.min(axis=0), inputs.max(axis=0))  # the range the networks saw fitted: the shift yardstick
     result = evaluation_report(args, run_dir, data, agents, normalizer, fit_range, ["val", "test"])
     write_scale_summary(run_dir, args, data.names, ref, normalizer, result)
-    selected = {name: log.best_step if args.keep_best else args.total_timesteps for name, log in logs.items()}
+    selected = {name: log.best_step if args.keep_best and log.best_state else args.total_timesteps
+                for name, log in logs.items()}
     # summary/history: validation evaluations during training; selected: the checkpoint kept (best validation
     # Sharpe) on validation and test; final_test: the last (not kept) policy on test
     saturation = {"near_bound_threshold": NEAR_BOUND, "collapse_threshold": COLLAPSE_RATIO, "summary_split": "val",
@@ -1112,13 +1166,15 @@ def report(args: Args, run_dir: str, data: MarketData, ref: np.ndarray, normaliz
                                     "selected_val": result["saturation"][name]["val"],
                                     "test": result["saturation"][name]["test"]} for name, log in logs.items()}}
     if {"baseline", "intrinsic"} <= set(trained):  # what training with r_int did: the final policies, on test
-        base, intr = final_test["baseline"], final_test["intrinsic"]
-        paired = {**paired_metrics(base, intr), "intrinsic_mean_delta": agents["intrinsic"].intrinsic_mean_delta()}
-        evals = zip(logs["baseline"].val_results, logs["intrinsic"].val_results, logs["intrinsic"].history)
-        per_eval = [{"global_step": h["global_step"], **paired_metrics(b, i), "intrinsic_mean_delta":
-                     h["intrinsic_mean_delta"]} for b, i, h in evals]
+        paired = {**final_pair, "intrinsic_mean_delta": agents["intrinsic"].intrinsic_mean_delta()}
+        evals = zip(logs["baseline"].val_results, logs["baseline"].history, logs["intrinsic"].val_results,
+                    logs["intrinsic"].history)
+        per_eval = [{"global_step": hi["global_step"], **paired_metrics(b, i, hi["q1_mean_fit_states"] -
+                                                                        hb["q1_mean_fit_states"]),
+                     "intrinsic_mean_delta": hi["intrinsic_mean_delta"]} for b, hb, i, hi in evals]
+        learned = [row for row in per_eval if row["global_step"] > args.learning_starts]  # before: identical agents
         for key in ("action_equal_ratio", "eval_value_mae", "intrinsic_mean_delta", "q1_delta_mean"):
-            paired[f"{key}_mean"] = float(np.mean([row[key] for row in per_eval]))
+            paired[f"{key}_mean"] = float(np.mean([row[key] for row in learned])) if learned else None
         near = max(res["saturation"]["near_bound_ratio"] for res in final_test.values())
         saturation["diagnosis"] = diagnose(paired, near, args.initial_equity, result["distribution_shift"],
                                            fix=input_fix(args))
@@ -1128,8 +1184,12 @@ def report(args: Args, run_dir: str, data: MarketData, ref: np.ndarray, normaliz
         save_model(os.path.join(run_dir, "model.pt"), args, data, agents, fit_range)
     summary = {"status": "completed", "exit_code": EXIT_CODES["completed"], "run_dir": run_dir, "seed": args.seed,
                "state_norm": args.state_norm, "stationary": args.state_norm and args.stationary,
-               "total_timesteps": args.total_timesteps, "test": result["eval"], "selected_step": selected,
+               "total_timesteps": args.total_timesteps, "periods_per_year": data.periods_per_year,
+               "frequency": data.frequency, "test": result["eval"], "selected_step": selected,
                "val": {name: res["metrics"] for name, res in result["results"]["val"].items()},
+               "val_benchmarks": result["benchmarks"]["val"],
+               "verdict": verdict({name: res["metrics"] for name, res in result["results"]["val"].items()},
+                                  result["benchmarks"]["val"], data.periods_per_year),
                "saturation": {name: log.history[-1] for name, log in logs.items()},
                "saturation_test": {name: res["saturation"] for name, res in result["results"]["test"].items()},
                "paired": saturation["paired"] and {k: v for k, v in saturation["paired"].items() if k != "history"},
@@ -1138,8 +1198,11 @@ def report(args: Args, run_dir: str, data: MarketData, ref: np.ndarray, normaliz
                "compile_seconds": {name: round(log.compile_seconds, 2) for name, log in logs.items()},
                "wall_time_s": round(time.time() - min(log.start for log in logs.values()), 2)}
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
-    print_table(result["eval"], summary["saturation_test"], selected if args.keep_best else None, summary["paired"],
-                summary["diagnosis"] or {"advice": summary["distribution_shift"]})
+    print_table(result["eval"], summary["saturation_test"], f"the checkpoints kept at steps {selected} by validation "
+                f"Sharpe" if args.keep_best else "the final policies", summary["verdict"],
+                {"policies": f"the final policies (step {args.total_timesteps}) on test", "paired": summary["paired"],
+                 "near_bound": {name: res["saturation"]["near_bound_ratio"] for name, res in final_test.items()},
+                 "diagnosis": summary["diagnosis"] or {"advice": summary["distribution_shift"]}})
     print(f"-> {run_dir} ({summary['wall_time_s']:.0f} s)")
     return summary
 
@@ -1163,22 +1226,25 @@ def evaluation_report(args: Args, run_dir: str, data: MarketData, agents: dict, 
                       fit_range: tuple, splits: list[str]) -> dict:
     """Every agent on each split; eval_{split}.json and the plots of the last split; the shift audit."""
     results = {split: {name: evaluate_split(agent, trading_env(data, split, args, training=False),
-                                            args.periods_per_year) for name, agent in agents.items()}
+                                            data.periods_per_year) for name, agent in agents.items()}
                for split in splits}
+    bench = {s: benchmark_metrics(data.close, data.features["realized_vol_10"], data.splits[s], data.vol_threshold,
+                                  args.cost_bp * 1e-4, data.periods_per_year) for s in splits}
     split = splits[-1]
-    bench = benchmark_metrics(data.close, data.features["realized_vol_10"], data.splits[split], data.vol_threshold,
-                              args)
     eval_json = {"split": split, "steps": data.splits[split][1] - data.splits[split][0] - 1,
+                 "periods_per_year": data.periods_per_year, "frequency": data.frequency,
                  "agents": {name: res["metrics"] for name, res in results[split].items()},
-                 **bench["metrics"], "vol_filter_threshold": data.vol_threshold}
+                 **bench[split]["metrics"], "vol_filter_threshold": data.vol_threshold}
     write_json_atomic(os.path.join(run_dir, f"eval_{split}.json"), eval_json)
-    plot_equity(results[split], bench["equity"], args.initial_equity, split, os.path.join(run_dir, "eval_equity.png"))
+    plot_equity(results[split], bench[split]["equity"], args.initial_equity, split,
+                os.path.join(run_dir, "eval_equity.png"))
     plot_saturation(results[split], os.path.join(run_dir, "action_saturation.png"))
     clip = normalizer.clip if normalizer else None
     shift = {name: {s: shift_stats(network_inputs(results[s][name]["observations"], normalizer), *fit_range, clip,
                                    data.names) for s in splits} for name in agents}
     saturation = {name: {s: results[s][name]["saturation"] for s in splits} for name in agents}
     return {"results": results, "eval": eval_json, "shift": shift, "saturation": saturation,
+            "benchmarks": {s: b["metrics"] for s, b in bench.items()},
             "distribution_shift": distribution_shift(shift, saturation, fix=input_fix(args))}
 
 
@@ -1199,16 +1265,22 @@ def write_scale_summary(run_dir: str, args: Args, names: list[str], ref: np.ndar
     write_json_atomic(os.path.join(run_dir, "state_scale_summary.json"), summary)
 
 
-def print_table(eval_json: dict, saturation: dict, selected_step: Optional[dict], paired: Optional[dict],
-                diagnosis: Optional[dict]) -> None:
-    print(f"{eval_json['split']} split, {eval_json['steps']} steps"
-          + (f" (checkpoints kept at steps {selected_step} by validation Sharpe)" if selected_step else ""))
+def print_table(eval_json: dict, saturation: dict, agents: str, verdicts: Optional[dict], audit: dict) -> None:
+    """The table of the tested agents (agents: which policies they are), the verdicts from validation, then
+    the audit, which says which policies it describes."""
+    print(f"{eval_json['split']} split, {eval_json['steps']} steps, {eval_json['periods_per_year']} bars a year "
+          f"({eval_json['frequency']})\nagents: {agents}")
     print(f"{'agent':<14}{'Sharpe':>8}{'return':>9}{'max DD':>8}{'near-bound':>12}{'kappa':>8}")
     for name, m in [*eval_json["agents"].items(), *((n, eval_json[n]) for n in ("buy_and_hold", "vol_filter", "flat"))]:
-        audit = f"{saturation[name]['near_bound_ratio']:12.3f}{saturation[name]['kappa_mean']:8.3f}" \
+        columns = f"{saturation[name]['near_bound_ratio']:12.3f}{saturation[name]['kappa_mean']:8.3f}" \
             if name in saturation else ""
-        print(f"{name:<14}{m['sharpe']:8.2f}{m['total_return']:9.1%}{m['max_drawdown']:8.1%}{audit}")
+        print(f"{name:<14}{m['sharpe']:8.2f}{m['total_return']:9.1%}{m['max_drawdown']:8.1%}{columns}")
+    for v in (verdicts or {}).values():
+        print(f"verdict {v['text']}")
+    paired, diagnosis = audit["paired"], audit["diagnosis"]
     if paired is not None:
+        print(f"audit of {audit['policies']}: near-bound " + ", ".join(f"{name} {near:.3f}" for name, near in
+                                                                      audit["near_bound"].items()))
         print(f"paired: action_equal_ratio {paired['action_equal_ratio']:.4f}, eval_value_mae "
               f"{paired['eval_value_mae']:.2f}, " + (f"intrinsic_mean_delta {paired['intrinsic_mean_delta']:.4g}, "
                                                     if "intrinsic_mean_delta" in paired else "")
@@ -1289,10 +1361,10 @@ def plot_saturation(test_results: dict, path: str) -> None:
 
 # CSV READING: --data-csv, as spreadsheets and data vendors export it ------------------------------
 def read_csv_rows(path: str) -> tuple[list[list[str]], str]:
-    """The cells of a CSV and its delimiter: a UTF-8 byte-order mark ("CSV UTF-8" exports) is dropped;
-    the delimiter (comma, semicolon or tab) is the one the header uses most."""
+    """The cells of a CSV (gzipped if it ends in .gz) and its delimiter: a UTF-8 byte-order mark ("CSV UTF-8"
+    exports) is dropped; the delimiter (comma, semicolon or tab) is the one the header uses most."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", newline="", encoding="utf-8-sig") as f:
             text = f.read().lstrip()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read --data-csv '{path}': {err}") from None
@@ -1302,13 +1374,46 @@ def read_csv_rows(path: str) -> tuple[list[list[str]], str]:
     return list(csv.reader(io.StringIO(text), delimiter=delimiter)), delimiter
 
 
-def parse_date(text: str, row: int):
-    for parse in (datetime.fromisoformat, lambda s: datetime.strptime(s, "%d.%m.%Y %H:%M:%S.%f")):
+DATE_FORMATS = {"ISO (2024-01-31 or 2024-01-31T09:30)": datetime.fromisoformat,
+                "DD.MM.YYYY HH:MM:SS.000": lambda s: datetime.strptime(s, "%d.%m.%Y %H:%M:%S.%f"),
+                "MM/DD/YYYY": lambda s: datetime.strptime(s, "%m/%d/%Y"),
+                "DD/MM/YYYY": lambda s: datetime.strptime(s, "%d/%m/%Y")}
+
+
+def parse_dates(texts: list[str], row_nos: list[int]) -> list:
+    """One format for the whole file: the first that reads every row. 03/04/2001 reads as March and as
+    April, so a file both slash formats read is refused; a file that mixes time zones with none too."""
+    fits = []
+    for name, parse in DATE_FORMATS.items():
         try:
-            return parse(text.strip())
+            fits.append((name, [parse(t) for t in texts]))
         except ValueError:
             pass
-    raise UserError(f"row {row}: date '{text.strip()}' is neither ISO (2024-01-31) nor DD.MM.YYYY HH:MM:SS.000")
+    fits = [(name, dates) for name, dates in fits if "/" not in name] or fits
+    if not fits:
+        for text, row_no in zip(texts, row_nos):
+            if not any(_parses(parse, text) for parse in DATE_FORMATS.values()):
+                raise UserError(f"row {row_no}: date '{text}' is none of: {', '.join(DATE_FORMATS)}")
+        raise UserError(f"row {row_nos[0]}: the dates mix formats ({', '.join(DATE_FORMATS)}); use one")
+    if len(fits) > 1:
+        raise UserError(f"the dates read both as MM/DD/YYYY and as DD/MM/YYYY (row {row_nos[0]}: '{texts[0]}'); "
+                        "write them as ISO dates (2001-03-04)")
+    dates = fits[0][1]
+    zoned = [d.tzinfo is not None for d in dates]
+    if any(zoned) and not all(zoned):
+        i, j = zoned.index(not zoned[0]), 0
+        raise UserError(f"row {row_nos[i]}: timestamp '{texts[i]}' has {'a' if zoned[i] else 'no'} time zone, "
+                        f"row {row_nos[j]}'s ('{texts[j]}') {'has one' if zoned[j] else 'has none'}: give every "
+                        "timestamp the same convention")
+    return dates
+
+
+def _parses(parse, text: str) -> bool:
+    try:
+        parse(text)
+        return True
+    except ValueError:
+        return False
 
 
 def parse_number(cell: str, name: str, row_no: int, decimal_comma: bool) -> float:
@@ -1325,39 +1430,82 @@ def parse_number(cell: str, name: str, row_no: int, decimal_comma: bool) -> floa
     return value
 
 
-def suspect_rows(dates: list, row_nos: list[int], close: np.ndarray) -> Optional[str]:
-    """The first likely error of a date-sorted file, or None: a repeated timestamp, or a one-step
-    move of the (adjusted) close beyond +100% / -90% -- a typo, a lost decimal point, an unadjusted split."""
+def suspect_rows(dates: list, row_nos: list[int], close: np.ndarray, adjusted: bool) -> Optional[str]:
+    """The first likely error of a date-sorted file, or None: a repeated timestamp; without adjusted prices,
+    a one-step move by a split ratio (x1/2, 1/3, 1/4, 1/5, 1/10 or the reverse, within 15%) that the next
+    closes keep (a crash that rebounds is not a split); a one-step move beyond +100% / -90% -- a typo, a
+    lost decimal point."""
     repeated = [i for i in range(1, len(dates)) if dates[i] == dates[i - 1]]
     if repeated:
         i, more = repeated[0], f" ({len(repeated) - 1} more repeated rows)" if len(repeated) > 1 else ""
         return f"row {row_nos[i]}: timestamp {dates[i].isoformat()} repeats row {row_nos[i - 1]}{more}"
-    moves = close[1:] / close[:-1] - 1.0
-    jumps = np.flatnonzero((moves > MAX_STEP_MOVE) | (moves < MIN_STEP_MOVE)) + 1
+    ratio = close[1:] / close[:-1]
+    factors = np.array([1 / k for k in SPLIT_RATIOS] + list(SPLIT_RATIOS))
+    nearest = factors[np.argmin(np.abs(np.log(ratio)[:, None] - np.log(factors)), axis=1)]  # per step
+    steps = np.flatnonzero(np.abs(np.log(ratio / nearest)) < SPLIT_TOLERANCE) + 1 if not adjusted else []
+    for i in steps:  # a k:1 split moves the close by 1/k in one step (reverse: by k), and the next closes stay there
+        level = np.median(close[i:i + 5]) / np.median(close[max(i - 5, 0):i])
+        if abs(math.log(level / nearest[i - 1])) < SPLIT_TOLERANCE:
+            k = round(max(nearest[i - 1], 1 / nearest[i - 1]))
+            split, fix = (f"{k}:1 split", f"divide the closes before row {row_nos[i]} by {k}") if ratio[i - 1] < 1 \
+                else (f"1:{k} reverse split", f"multiply the closes before row {row_nos[i]} by {k}")
+            return (f"row {row_nos[i]}: close {close[i]:g} is x{ratio[i - 1]:.3g} row {row_nos[i - 1]}'s "
+                    f"({close[i - 1]:g}), likely an unadjusted {split}: use adjusted prices (an Adj Close "
+                    f"column) or {fix}")
+    jumps = np.flatnonzero((ratio - 1 > MAX_STEP_MOVE) | (ratio - 1 < MIN_STEP_MOVE)) + 1
     if len(jumps):
         i, more = jumps[0], f" ({len(jumps) - 1} more such moves)" if len(jumps) > 1 else ""
-        return (f"row {row_nos[i]}: close {close[i]:g} is a one-step move of {moves[i - 1]:+.0%} from row "
+        return (f"row {row_nos[i]}: close {close[i]:g} is a one-step move of {ratio[i - 1] - 1:+.0%} from row "
                 f"{row_nos[i - 1]} ({close[i - 1]:g}){more}")
     return None
 
 
+def bars_per_year(dates: list) -> tuple[int, str]:
+    """periods_per_year from the timestamps. A median gap of 5 days or more: bars per year of the file's span
+    (weekly 52, twice a month 24, monthly 12).
+    Else days a year with bars: 260.9 weekdays x the share of the file's weekdays with a full day of bars (at
+    least half the median bars a day: FX's Sunday-evening bars are not a day) + 104.4 weekend days x their
+    share, snapped to 252 (exchange days), 260 (weekdays) or 365 (every day) when within 2%; times the median
+    bars a day. Daily stocks: 252; hourly FX (24 x 5): 6240; an exchange's hourly bars: 7 x 252; crypto: 8760."""
+    elapsed = np.array([(d - dates[0]).total_seconds() / 86400 for d in dates])
+    gap = float(np.median(np.diff(elapsed)))
+    if gap >= 5:
+        return round((len(dates) - 1) / (elapsed[-1] / 365.25)), f"bars about {gap:.0f} days apart (median gap)"
+    day_of = [d.date() for d in dates]
+    day, count = np.unique(np.array(day_of, dtype="datetime64[D]"), return_counts=True)
+    per_day = int(np.median(count))
+    full = day[count >= per_day / 2]
+    span = np.arange(day[0], day[-1] + 1)
+    weekend = lambda d: (d.astype(np.int64) + 3) % 7 >= 5  # noqa: E731  (1970-01-01 was a Thursday)
+    share = [np.isin(span[weekend(span) == w], full).mean() if (weekend(span) == w).any() else 0.0 for w in (0, 1)]
+    days = 365.25 * 5 / 7 * share[0] + 365.25 * 2 / 7 * share[1]
+    calendar = min((252, 260, 365), key=lambda c: abs(c - days))
+    days = calendar if abs(days - calendar) <= 0.02 * calendar else round(days)
+    found = f"median gap {gap * 24:.3g} h, {days} days with bars a year"
+    return (days, f"daily bars ({found})") if per_day == 1 else \
+        (per_day * days, f"intraday bars ({found} x {per_day} bars a day)")
+
+
 def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
-    """OHLCV CSV without pandas: columns matched case-insensitively, sorted by date ascending, the close
-    scaled by Adj Close / Close when given (splits, dividends). Rows with an empty or `null` value (market
-    holidays in Yahoo exports) are skipped with one warning; repeated timestamps and implausible one-step
-    moves stop the run unless accepted."""
+    """Price CSV without pandas: a date (or Date and Time) column, Close, Volume, optionally an adjusted
+    close (Adj Close, adj_close, adjusted_close, ...; the close is scaled by it: splits, dividends); other
+    columns are ignored. Sorted by date ascending. Rows with an empty or `null` value (market holidays in
+    Yahoo exports) are skipped with one warning; repeated timestamps and implausible one-step moves stop
+    the run unless accepted."""
     rows, delimiter = read_csv_rows(path)
     header = [h.strip().lower().replace("_", " ") for h in rows[0]]
     col = {}
-    for name, options in (("date", ("date", "time", "datetime", "gmt time", "local time")), ("open", ("open",)),
-                          ("high", ("high",)), ("low", ("low",)), ("close", ("close",)),
-                          ("volume", ("volume",)), ("adj close", ("adj close", "adjclose"))):
+    for name, options in (("date", ("date", "datetime", "timestamp", "time", "gmt time", "local time")),
+                          ("close", ("close",)), ("volume", ("volume",)),
+                          ("adj close", ("adj close", "adjclose", "adjusted close"))):
         found = [i for i, h in enumerate(header) if h in options]
         if found:
             col[name] = found[0]
         elif name != "adj close":
             raise UserError(f"--data-csv '{path}' has no {name} column (header: {', '.join(rows[0])}; "
                             f"read as '{delimiter}'-separated)")
+    date_columns = [header.index("date"), header.index("time")] if {"date", "time"} <= set(header) \
+        else [col["date"]]  # Date and Time in two columns (intraday exports): one timestamp
     records, skipped = [], []
     for row_no, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
@@ -1370,7 +1518,7 @@ def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
             continue
         decimal_comma = delimiter != ","  # 101,5 in a semicolon or tab file (European locales)
         values = {name: parse_number(cell, name, row_no, decimal_comma) for name, cell in cells.items()}
-        records.append((parse_date(row[col["date"]], row_no), row_no, values))
+        records.append((" ".join(row[i].strip() for i in date_columns), row_no, values))
     if skipped:
         print(f"warning: --data-csv '{path}': skipped {len(skipped)} rows with an empty or null value "
               f"(rows {', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})", file=sys.stderr)
@@ -1378,18 +1526,23 @@ def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
         raise UserError(f"--data-csv '{path}' has {len(records)} data rows"
                         + (f" once {len(skipped)} with empty or null values are skipped" if skipped else "")
                         + f"; at least {MIN_ROWS} are needed")
-    records.sort(key=lambda r: r[0])  # ascending; a stable sort keeps equal stamps in file order
-    close = np.array([v["close"] for _, _, v in records])
-    if "adj close" in col:
-        close = np.array([v["adj close"] for _, _, v in records])
-    suspect = suspect_rows([d for d, _, _ in records], [r for _, r, _ in records], close)
+    dates = parse_dates([text for text, _, _ in records], [r for _, r, _ in records])
+    records = sorted(zip(dates, records), key=lambda r: r[0])  # ascending; stable: equal stamps keep file order
+    dates, row_nos = [d for d, _ in records], [r[1] for _, r in records]
+    adjusted = "adj close" in col
+    close = np.array([v["adj close" if adjusted else "close"] for _, (_, _, v) in records])
+    suspect = suspect_rows(dates, row_nos, close, adjusted)
     if suspect and not accept_suspect_rows:
         raise UserError(f"{suspect}; fix the file, or pass --accept-suspect-rows if the data is right")
     if np.ptp(close) == 0:
         raise UserError(f"--data-csv '{path}': the close is {close[0]:g} on every row; "
                         "a constant price has nothing to learn or trade")
-    return Market(close=close, volume=np.array([v["volume"] for _, _, v in records]),
-                  dates=[d.isoformat() for d, _, _ in records])
+    if not adjusted:
+        print(f"warning: --data-csv '{path}' has no adjusted close column (Adj Close): the close is used as it "
+              "is, splits and dividends unadjusted", file=sys.stderr)
+    periods, frequency = bars_per_year(dates)
+    return Market(close=close, volume=np.array([v["volume"] for _, (_, _, v) in records]),
+                  dates=[d.isoformat() for d in dates], periods_per_year=periods, frequency=frequency)
 
 
 # MODEL FILES AND --eval-only -------------------------------------------------------------------
@@ -1428,14 +1581,33 @@ def load_model(path: str) -> dict:
     return model
 
 
+MODEL_SETTINGS = ("hidden_size", "state_norm", "state_norm_kind", "log_volume", "stationary")  # build the networks
+EVAL_SETTINGS = ("data_csv", "market_seed", "market_steps", "train_frac", "val_frac", "cost_bp", "initial_equity",
+                 "periods_per_year")  # change what an evaluation measures
+
+
+def eval_settings(args: Args, saved: Args) -> tuple[Args, dict]:
+    """--eval-only's settings: the networks' as saved (asking for others is an error); each evaluation
+    setting from the command line when given there, else the training run's ("given" = not the default:
+    asking for the default value keeps the checkpoint's; the printed settings say where each came from)."""
+    default = Args()
+    for name in MODEL_SETTINGS:
+        if getattr(args, name) != getattr(default, name) and getattr(args, name) != getattr(saved, name):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: the checkpoint's networks were built "
+                            f"with {getattr(saved, name)}; --eval-only evaluates them as saved")
+    given = {name for name in EVAL_SETTINGS if getattr(args, name) != getattr(default, name)}
+    run_args = dataclasses.replace(args, eval_only=True, compile=False,
+                                   **{name: getattr(saved, name) for name in MODEL_SETTINGS},
+                                   **{name: getattr(saved, name) for name in EVAL_SETTINGS if name not in given})
+    return run_args, {name: {"value": getattr(run_args, name), "from": "command line" if name in given else
+                             "checkpoint"} for name in EVAL_SETTINGS}
+
+
 def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
-    """--eval-only: every saved agent, with its saved normalizer and settings, over a split or a whole file."""
+    """--eval-only: every saved agent, with its saved normalizer, over a split or a whole file."""
     model = load_model(args.checkpoint)
     fields = {f.name for f in dataclasses.fields(Args)}
-    saved = Args(**{k: v for k, v in model["args"].items() if k in fields})
-    run_args = dataclasses.replace(saved, data_csv=args.data_csv or saved.data_csv, runs_dir=args.runs_dir,
-                                   eval_only=True, checkpoint=args.checkpoint, eval_split=args.eval_split,
-                                   accept_suspect_rows=args.accept_suspect_rows, compile=False)
+    run_args, settings = eval_settings(args, Args(**{k: v for k, v in model["args"].items() if k in fields}))
     data = prepare_data(run_args, *load_market(run_args))
     if model["feature_names"] != data.names:
         raise UserError(f"--checkpoint '{args.checkpoint}' was saved with features {model['feature_names']}, "
@@ -1443,7 +1615,10 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     lo, hi = data.splits[args.eval_split]
     if hi - lo < 2:
         raise UserError(f"the {args.eval_split} split of {data.source} has {hi - lo} rows; pick --eval-split all")
-    data.vol_threshold = float(model["vol_filter_threshold"])  # fitted on the training data's train split
+    threshold = "the median realized vol of this data's train split"
+    if args.eval_split == "all":  # no data before the evaluated rows to fit it on: the training run's
+        data.vol_threshold = float(model["vol_filter_threshold"])
+        threshold = "the training run's (--eval-split all leaves no earlier data to fit one on)"
     agents, normalizer = {}, None
     for name, state in model["agents"].items():
         if state["normalizer"] is not None:
@@ -1456,19 +1631,23 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     fit_range = tuple(np.asarray(r) for r in model["fit_range"])
     result = evaluation_report(run_args, run_dir, data, agents, normalizer, fit_range, [args.eval_split])
     results = result["results"][args.eval_split]
-    paired = None
-    if {"baseline", "intrinsic"} <= set(agents):
-        paired = paired_metrics(results["baseline"], results["intrinsic"])
+    paired = final_paired(agents, results) if {"baseline", "intrinsic"} <= set(agents) else None
     write_json_atomic(os.path.join(run_dir, "td3_action_saturation.json"), {
         "near_bound_threshold": NEAR_BOUND, "collapse_threshold": COLLAPSE_RATIO, "split": args.eval_split,
         "agents": {name: {args.eval_split: sat[args.eval_split]} for name, sat in result["saturation"].items()},
         "paired": paired})
     write_json_atomic(os.path.join(run_dir, "shift_audit.json"), {"split": args.eval_split, "agents": result["shift"]})
     summary = {"run_dir": run_dir, "checkpoint": args.checkpoint, "split": args.eval_split, "source": data.source,
+               "settings": settings, "periods_per_year": data.periods_per_year, "frequency": data.frequency,
+               "vol_filter_threshold": {"value": data.vol_threshold, "from": threshold},
                args.eval_split: result["eval"], "paired": paired,
                "saturation": {name: s[args.eval_split] for name, s in result["saturation"].items()}}
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
-    print_table(result["eval"], summary["saturation"], None, paired, None)
+    print("settings: " + ", ".join(f"{name} {s['value']} ({s['from']})" for name, s in settings.items()))
+    print(f"vol_filter threshold {data.vol_threshold:.4g}: {threshold}")
+    print_table(result["eval"], summary["saturation"], "the saved agents", None,
+                {"policies": "the saved agents", "paired": paired, "diagnosis": None,
+                 "near_bound": {name: sat["near_bound_ratio"] for name, sat in summary["saturation"].items()}})
     print(f"-> {run_dir}")
     return summary
 
@@ -1478,7 +1657,7 @@ def check_args(args: Args) -> None:
     """Reject values that would crash later or silently do something else."""
     for name in ("total_timesteps", "buffer_size", "batch_size", "policy_frequency", "eval_frequency", "hidden_size",
                  "learning_rate", "episode_length", "initial_equity", "periods_per_year", "reward_scale"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("learning_starts", "threads", "policy_noise", "exploration_noise", "noise_clip",
                  "cost_bp", "risk_penalty", "intrinsic_coef"):

@@ -10,3 +10,4 @@ def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"  # inherited by subprocesses
         torch.set_num_threads(1)
+

@@ -48,6 +48,13 @@ def test_table_and_figures_from_crafted_runs(tmp_path):
     assert (hopper["published_mean"], hopper["published_std"], hopper["within_one_std"]) == (659, 752, False)
     assert cheetah["step"] == 10_000 and cheetah["mean"] == pytest.approx(-525.0)
     assert cheetah["within_one_std"] is True  # -525 >= -493 - 113
+    assert "late" not in cheetah  # it stopped before 100k
+    # the 55k-100k measure: evaluations 11..20 of each seed; 0 for nine of them and the last: (last) / 10
+    assert hopper["late"] == pytest.approx([60.0, 10.0, -100.0]) and hopper["late_mean"] == pytest.approx(-10.0)
+    # the published seeds' mean of 55k-100k on Hopper: 537.6 +- 281.9 (numpy std): -10 is below 255.7
+    assert hopper["published_late_mean"] == pytest.approx(537.6)
+    assert hopper["published_late_std"] == pytest.approx(281.9, abs=0.05)
+    assert hopper["late_within_one_std"] is False
     assert sorted(os.listdir(tmp_path / "fig")) == ["learning_curves_HalfCheetah-v5.png", "learning_curves_Hopper-v5.png"]
 
 

@@ -18,6 +18,7 @@ import torch
 import benchmark_update
 import td3_continuous as td3
 import tiny_envs
+from unsafe_model import assert_code_running_model_file_is_refused
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "td3_continuous.py")
@@ -398,26 +399,8 @@ def test_a_checkpoint_of_the_previous_format_is_refused_by_name(tmp_path):
         td3.main(td3.Args(eval_only=True, checkpoint=str(path), runs_dir=str(tmp_path), cuda=False))
 
 
-class Payload:
-    """What a shared model file could carry: unpickling it runs a command (here: touch a file)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_a_model_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
-    marker = tmp_path / "payload_ran"
-    path = tmp_path / "model.pt"
-    torch.save({"format": "td3_continuous/3", "args": Payload(marker)}, path)
-    result = run_script("--eval-only", "--checkpoint", str(path), "--runs-dir", str(tmp_path / "runs"))
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and "refused, nothing in it ran" in result.stderr
-    assert not marker.exists() and not (tmp_path / "runs").exists()
-    torch.load(path, weights_only=False)  # the payload is real: loading it unsafely does run it
-    assert marker.exists()
+    assert_code_running_model_file_is_refused(SCRIPT, "td3_continuous/3", tmp_path)
 
 
 # --- whole runs ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 import td3_intrinsic_trading as tr
+from unsafe_model import assert_code_running_model_file_is_refused
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "td3_intrinsic_trading.py")
@@ -304,10 +305,10 @@ def test_csv_with_a_bom_or_another_delimiter_reads_the_same(tmp_path, delimiter,
 
 def test_semicolon_csv_with_decimal_commas(tmp_path):
     rows = [[c if i == 0 else str(c).replace(".", ",") for i, c in enumerate(r)] for r in iso_rows(250)]
-    rows[5][2] = "abc"  # High is checked as a number too, though only the close and volume are used
-    with pytest.raises(tr.UserError, match="row 7: high 'abc' is not a number"):
+    rows[5][4] = "abc"
+    with pytest.raises(tr.UserError, match="row 7: close 'abc' is not a number"):
         tr.load_csv(write_rows(tmp_path / "eu.csv", OHLCV, rows, ";"))
-    rows[5][2] = "101,5"
+    rows[5][4], rows[5][2] = "100,5", "abc"  # High is not used, so not read
     m = tr.load_csv(write_rows(tmp_path / "eu.csv", OHLCV, rows, ";"))
     assert m.close[5] == pytest.approx(100.5) and m.close[7] == pytest.approx(100.7) and m.volume[5] == 1005
 
@@ -319,7 +320,7 @@ def test_null_and_empty_rows_are_skipped_with_one_counted_warning(tmp_path, caps
     rows[20][4] = "NULL"
     m = tr.load_csv(write_rows(tmp_path / "y.csv", OHLCV, rows))
     assert len(m.close) == 247 and "2001-01-05T00:00:00" not in m.dates
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "adjusted close" not in line]
     assert len(err) == 1 and err[0].startswith("warning:") and "skipped 3 rows" in err[0] and "rows 6, 11, 22" in err[0]
     # too few left: an error that counts both
     few = iso_rows(203)
@@ -351,9 +352,115 @@ def test_implausible_one_step_moves_are_an_error_naming_the_rows_unless_accepted
     with pytest.raises(tr.UserError, match="row 102: close 10 is a one-step move of -91%"):
         tr.load_csv(write_rows(tmp_path / "crash.csv", OHLCV, rows))
     rows = iso_rows(250)
-    for row in rows[100:]:  # a lasting crash to a tenth: 11 / 109.9 - 1 = -89.99%, inside the bound
+    for row in rows[100:]:  # a lasting crash by 11 / 109.9 - 1 = -89.99%: inside the bound, but a split's ratio
         row[4] *= 0.1
+    with pytest.raises(tr.UserError, match="row 102: .* likely an unadjusted 10:1 split"):
+        tr.load_csv(write_rows(tmp_path / "tenth.csv", OHLCV, rows))
+    rows = iso_rows(250)
+    for row in rows[100:]:  # a lasting crash to 0.7 x: -30%, no split ratio within 15%
+        row[4] *= 0.7
     assert len(tr.load_csv(write_rows(tmp_path / "ok.csv", OHLCV, rows)).close) == 250
+    rows = iso_rows(250)
+    rows[100][4] *= 0.52  # -48% for one day (a 2:1 ratio within 15%), then back: a rebound is not a split
+    assert len(tr.load_csv(write_rows(tmp_path / "rebound.csv", OHLCV, rows)).close) == 250
+
+
+@pytest.mark.parametrize("ratio, words", [(1 / 2, "2:1 split"), (1 / 3, "3:1 split"), (1 / 4, "4:1 split"),
+                                          (1 / 5, "5:1 split"), (1 / 10, "10:1 split"), (2, "1:2 reverse split"),
+                                          (5, "1:5 reverse split"), (10, "1:10 reverse split")])
+def test_unadjusted_splits_are_named_by_row_with_the_fix(tmp_path, ratio, words):
+    rows = iso_rows(250)
+    for row in rows[120:]:  # from file row 122 on, every price divided (or multiplied) by the split ratio
+        row[4] = round(row[4] * ratio * 1.01, 6)  # and the day's own +1% move
+    fix = "divide" if ratio < 1 else "multiply"
+    with pytest.raises(tr.UserError, match=rf"^row 122: close .* likely an unadjusted {words}: use adjusted prices "
+                                           rf"\(an Adj Close column\) or {fix} the closes before row 122 by"):
+        tr.load_csv(write_rows(tmp_path / "split.csv", OHLCV, rows))
+    adjusted = [[*row[:5], 100 + i * 0.1, row[5]] for i, row in enumerate(rows)]  # an adjusted column: no split
+    m = tr.load_csv(write_rows(tmp_path / "adj.csv", [*OHLCV[:5], "Adj Close", "Volume"], adjusted))
+    assert m.close[121] == pytest.approx(112.1)
+
+
+@pytest.mark.parametrize("name", ["Adj Close", "adj_close", "adjusted_close", "Adjusted Close", "AdjClose"])
+def test_adjusted_close_header_variants_and_a_close_volume_file(tmp_path, name, capsys):
+    rows = [[r[0], r[4], 2 * r[4], r[5]] for r in iso_rows(250)]
+    m = tr.load_csv(write_rows(tmp_path / "adj.csv", ["Date", "Close", name, "Volume"], rows))
+    assert m.close[0] == pytest.approx(200.0) and "no adjusted close" not in capsys.readouterr().err
+    m = tr.load_csv(write_rows(tmp_path / "cv.csv", ["Date", "Close", "Volume"], [[r[0], r[1], r[3]] for r in rows]))
+    assert m.close[3] == pytest.approx(100.3) and m.volume[3] == 1003  # Open/High/Low are not needed
+    assert "has no adjusted close column (Adj Close): the close is used as it is" in capsys.readouterr().err
+
+
+def hourly_rows(weeks, bars_per_day=24, weekend=False, sunday_evening=False, seed=0, step="h"):
+    """Bars from Monday 2001-01-01 (hourly, or each minute with step="m"): bars_per_day a day (from 00:00, or
+    from 09:00 if fewer), Monday to Friday (every day with weekend=True; FX's two Sunday-evening bars with
+    sunday_evening=True); a random walk."""
+    rng, rows, close = np.random.default_rng(seed), [], 100.0
+    for day in range(7 * weeks):
+        if day % 7 == 6 and sunday_evening:
+            for hour in (22, 23):
+                stamp = np.datetime64("2001-01-01T00:00") + np.timedelta64(day * 24 + hour, "h")
+                rows.append([str(stamp).replace("T", " "), round(close, 6), 1000])
+            continue
+        if day % 7 >= 5 and not weekend:
+            continue
+        for hour in range(bars_per_day):
+            close *= 1 + 0.002 * rng.standard_normal()
+            start = np.timedelta64(day * 24 + (9 if bars_per_day < 24 else 0), "h")
+            stamp = np.datetime64("2001-01-01T00:00") + start + np.timedelta64(hour, step)
+            rows.append([str(stamp).replace("T", " "), round(close, 6), 1000 + hour])
+    return rows
+
+
+def daily_rows(keep, years=2):
+    """One bar on each day from 2001-01-01 for which keep(date) holds."""
+    days = np.arange(np.datetime64("2001-01-01"), np.datetime64(f"{2001 + years}-01-01"))
+    return [[str(d), 100 + i % 7, 1000] for i, d in enumerate(d for d in days if keep(d.astype(object)))]
+
+
+@pytest.mark.parametrize("rows, periods", [
+    (lambda: hourly_rows(10), 24 * 260),  # FX: 24 bars on each of 260 weekdays a year
+    (lambda: hourly_rows(10, sunday_evening=True), 24 * 260),  # FX's Sunday-evening bars are not a trading day
+    (lambda: hourly_rows(1, bars_per_day=390, step="m"), 390 * 260),  # one week of an exchange's minute bars
+    (lambda: hourly_rows(10, bars_per_day=7), 7 * 260),  # a stock exchange's hourly bars
+    (lambda: hourly_rows(3, weekend=True), 24 * 365),  # crypto: every hour of every day
+    (lambda: [[str(np.datetime64("2001-01-01") + i), 100 + i % 7, 1000] for i in range(400)], 365),  # daily, 7/7
+    (lambda: daily_rows(lambda d: d.weekday() < 5), 260),  # weekdays
+    (lambda: daily_rows(lambda d: d.weekday() < 5 and d.toordinal() % 29), 252),  # 9 holidays a year: stocks
+    (lambda: daily_rows(lambda d: d.weekday() != 5), 313),  # six days a week: 260.9 + 52.2
+    (lambda: daily_rows(lambda d: d.day in (1, 15), years=9), 24),  # twice a month: median gap 15 days
+    (lambda: daily_rows(lambda d: d.day == 1, years=20), 12),  # monthly
+])
+def test_periods_per_year_from_the_timestamps_sets_sharpe(tmp_path, rows, periods):
+    m = tr.load_csv(write_rows(tmp_path / "f.csv", ["Date", "Close", "Volume"], rows()))
+    assert m.periods_per_year == periods
+    data = tr.prepare_data(tr.Args(), m, "f")
+    assert data.periods_per_year == periods and data.frequency == m.frequency
+    lo, hi = data.splits["test"]
+    b = tr.benchmark_metrics(data.close, data.features["realized_vol_10"], (lo, hi), 0.0, 0.0, data.periods_per_year)
+    r = m.close[lo + 1:hi] / m.close[lo:hi - 1] - 1  # buy-and-hold's step returns, cost 0
+    assert b["metrics"]["buy_and_hold"]["sharpe"] == pytest.approx(math.sqrt(periods) * r.mean() / r.std())
+    assert tr.prepare_data(tr.Args(periods_per_year=12), m, "f").periods_per_year == 12  # the flag wins
+
+
+def test_date_and_time_columns_are_one_timestamp(tmp_path):
+    rows = [[*r[0].split(" "), r[1], r[2]] for r in hourly_rows(8, bars_per_day=7)]
+    m = tr.load_csv(write_rows(tmp_path / "dt.csv", ["Date", "Time", "Close", "Volume"], rows))
+    assert m.dates[:2] == ["2001-01-01T09:00:00", "2001-01-01T10:00:00"] and m.periods_per_year == 7 * 260
+
+
+def test_mixed_time_zones_and_ambiguous_slash_dates_are_one_error_line(tmp_path):
+    rows = [[str(np.datetime64("2001-01-01") + i) + ("T00:00:00+00:00" if i >= 3 else ""), 100 + i % 5, 10]
+            for i in range(250)]
+    with pytest.raises(tr.UserError, match=r"^row 5: timestamp '2001-01-04T00:00:00\+00:00' has a time zone, row 2's "
+                                           r"\('2001-01-01'\) has none"):
+        tr.load_csv(write_rows(tmp_path / "tz.csv", ["Date", "Close", "Volume"], rows))
+    us = [[f"{1 + i // 28 % 12}/{1 + i % 28}/{2001 + i // 336}", 100 + i % 5, 10] for i in range(250)]
+    assert tr.load_csv(write_rows(tmp_path / "us.csv", ["Date", "Close", "Volume"], us)).dates[29] == \
+        "2001-02-02T00:00:00"  # month/day: a day above 12 rules out day/month
+    early = [[f"{1 + i // 12 % 12}/{1 + i % 12}/{2001 + i // 144}", 100 + i % 5, 10] for i in range(250)]
+    with pytest.raises(tr.UserError, match="read both as MM/DD/YYYY and as DD/MM/YYYY"):
+        tr.load_csv(write_rows(tmp_path / "either.csv", ["Date", "Close", "Volume"], early))
 
 
 def test_constant_price_is_an_error(tmp_path):
@@ -445,7 +552,7 @@ def test_performance_metrics_by_hand():
 
 def test_flat_and_buy_and_hold_benchmarks():
     close = np.array([100.0, 110.0, 99.0, 108.9])
-    b = tr.benchmark_metrics(close, np.zeros(4), (0, 4), 1.0, tr.Args(cost_bp=10.0))["metrics"]
+    b = tr.benchmark_metrics(close, np.zeros(4), (0, 4), 1.0, 10e-4, 252)["metrics"]
     # buy and hold: +10% less 10 bp entry, -10%, +10%
     assert b["buy_and_hold"]["total_return"] == pytest.approx((1 + 0.1 - 0.001) * 0.9 * 1.1 - 1)
     assert b["buy_and_hold"]["turnover"] == 1.0
@@ -496,8 +603,8 @@ def freeze_runs(tmp_path_factory):
     """The issues' two commands: the note's puzzle (raw features, rnd) and the fix (--state-norm, sa-rnd).
     Both are paired runs, so each also holds a plain TD3 baseline trained on the same seeds."""
     out = tmp_path_factory.mktemp("freeze")
-    common = dict(seed=1, total_timesteps=2000, learning_starts=1000, market_steps=5000, runs_dir=str(out),
-                  cuda=False)
+    common = dict(seed=1, total_timesteps=2000, learning_starts=1000, eval_frequency=500, market_steps=5000,
+                  runs_dir=str(out), cuda=False)
     return {"raw": tr.main(tr.Args(state_norm=False, intrinsic_kind="rnd", intrinsic_coef=0.5, **common)),
             "norm": tr.main(tr.Args(state_norm=True, intrinsic_kind="sa-rnd", **common))}
 
@@ -531,11 +638,13 @@ def test_run_folder_files_and_schemas(freeze_runs):
     for part in ("summary", "test"):
         assert {"near_bound_ratio", "actor_collapse_detected", "kappa_mean", "kappa_p10"} <= set(sat[part])
     assert sat["summary"] == sat["history"][-1]
-    assert [h["global_step"] for h in sat["history"]] == [1000, 2000]
-    # --keep-best: the kept checkpoint is the first evaluation with the best validation Sharpe
-    sharpes = [h["val_sharpe"] for h in sat["history"]]
-    assert sat["selected_step"] == 1000 * (sharpes.index(max(sharpes)) + 1)
-    assert sat["selected_val"]["near_bound_ratio"] == sat["history"][sharpes.index(max(sharpes))]["near_bound_ratio"]
+    assert [h["global_step"] for h in sat["history"]] == [500, 1000, 1500, 2000]
+    # --keep-best: the kept checkpoint is the first evaluation with the best validation Sharpe once learning
+    # started (steps 500 and 1000 score the untrained initial weights)
+    learned = [h for h in sat["history"] if h["global_step"] > 1000]
+    best = max(learned, key=lambda h: h["val_sharpe"])  # max returns the first of equal maxima
+    assert sat["selected_step"] == best["global_step"]
+    assert sat["selected_val"]["near_bound_ratio"] == best["near_bound_ratio"]
     scale = read_json(run_dir, "state_scale_summary.json")
     assert scale["feature_names"] == STATIONARY_NAMES and scale["stationary"]
     assert scale["feature_transforms"]["log_close_over_max20"].startswith("log(close_t / max(close_t-19..t)), zscore")
@@ -636,9 +745,47 @@ def test_the_notes_puzzle_value_moved_policy_frozen(freeze_runs):
     assert "--state-norm" in raw["diagnosis"]["advice"]  # both actors sit at the bound
     sat = read_json(raw["run_dir"], "td3_action_saturation.json")
     assert set(sat["agents"]) == {"baseline", "intrinsic"}
+    history = sat["paired"]["history"]
+    assert [row["global_step"] for row in history] == [500, 1000, 1500, 2000]
+    for row in history[:2]:  # before learning starts both agents hold their identical initial weights
+        assert row["action_equal_ratio"] == 1.0 and row["eval_value_mae"] == 0.0 and row["q1_delta_mean"] == 0.0
     for key in ("action_equal_ratio", "eval_value_mae", "intrinsic_mean_delta", "q1_delta_mean"):
-        assert key in sat["paired"] and f"{key}_mean" in sat["paired"]
+        # the _mean metrics average the evaluations after learning started only
+        assert sat["paired"][f"{key}_mean"] == pytest.approx(np.mean([row[key] for row in history[2:]]))
+    # the Q comparison scores both critics on the same states: the fit sample, each agent's value at that step
+    base, intr = (sat["agents"][name]["history"] for name in ("baseline", "intrinsic"))
+    assert history[3]["q1_delta_mean"] == intr[3]["q1_mean_fit_states"] - base[3]["q1_mean_fit_states"]
     assert sat["diagnosis"]["code"] == "R1" and sat["diagnosis"]["advice"]
+
+
+def test_verdict_needs_a_lead_over_both_benchmarks_beyond_the_noise():
+    bench = {"buy_and_hold": {"sharpe": 0.8}, "vol_filter": {"sharpe": 1.1}}
+    noise = math.sqrt(252 / 1008)  # 0.5: one standard error of a Sharpe estimate over 1008 daily steps
+    v = tr.verdict({"a": {"sharpe": 1.1 + noise + 0.01, "steps": 1008}, "b": {"sharpe": 1.5, "steps": 1008},
+                    "c": {"sharpe": 0.9, "steps": 1008}, "d": {"sharpe": 0.5, "steps": 1008}}, bench, 252)
+    assert v["a"]["edge"] and "beats both" in v["a"]["text"] and "not evidence" not in v["a"]["text"]
+    assert not v["b"]["edge"] and "beats both by less than the noise" in v["b"]["text"]
+    assert not v["c"]["edge"] and "beats only buy_and_hold" in v["c"]["text"]
+    assert not v["d"]["edge"] and "no edge learned: its validation Sharpe 0.50 beats neither" in v["d"]["text"]
+    assert v["d"]["text"].endswith("its test numbers are not evidence of skill")
+    falling = {"buy_and_hold": {"sharpe": -1.0}, "vol_filter": {"sharpe": -0.8}}  # flat (0) beats both here
+    v = tr.verdict({"flat-ish": {"sharpe": 0.1, "steps": 1008}, "e": {"sharpe": 0.6, "steps": 1008}}, falling, 252)
+    assert not v["flat-ish"]["edge"] and "within the noise of flat" in v["flat-ish"]["text"]
+    assert v["e"]["edge"]
+
+
+def test_a_random_walk_gets_the_no_edge_verdict(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    close = 100 * np.exp(np.cumsum(0.01 * rng.standard_normal(1000)))  # no drift, no regime: nothing to learn
+    rows = [[str(np.datetime64("2001-01-01") + i), round(c, 4), int(1e6 * rng.uniform(0.5, 1.5))]
+            for i, c in enumerate(close)]
+    path = write_rows(tmp_path / "walk.csv", ["Date", "Close", "Volume"], rows)
+    summary = tr.main(tr.Args(data_csv=path, intrinsic_kind="none", state_norm=True, total_timesteps=1000,
+                              learning_starts=500, eval_frequency=500, compile=False, cuda=False,
+                              runs_dir=str(tmp_path / "runs")))
+    assert summary["periods_per_year"] == 365 and summary["frequency"].startswith("daily bars")  # 7 days a week
+    assert not summary["verdict"]["baseline"]["edge"]
+    assert "no edge learned" in capsys.readouterr().out
 
 
 @pytest.mark.xdist_group("compiled_trading")
@@ -698,7 +845,7 @@ def test_a_split_too_short_for_training_is_one_user_error(tmp_path):
 def test_volatility_filter_on_a_crafted_series():
     close = np.array([100.0, 101.0, 99.0, 102.0, 102.0, 96.9])
     realized_vol = np.array([0.01, 0.03, 0.01, 0.005, 0.02, 0.0])
-    b = tr.benchmark_metrics(close, realized_vol, (0, 6), 0.02, tr.Args(cost_bp=10.0, periods_per_year=4))
+    b = tr.benchmark_metrics(close, realized_vol, (0, 6), 0.02, 10e-4, 4)
     # vol < 0.02 at steps 0, 2, 3 -> long, long... positions [1, 0, 1, 1, 0] (0.02 itself is not below)
     expected = np.array([0.01 - 0.001, 0.0 - 0.001, 102 / 99 - 1 - 0.001, 0.0, 0.0 - 0.001])
     m = b["metrics"]["vol_filter"]
@@ -786,5 +933,56 @@ def test_eval_only_errors_are_one_line(saved_run, tmp_path, capsys):
     bad_csv = write_csv(tmp_path / "bad.csv", ["Date", "Close"], [["2001-01-01", 1.0]])
     code, err = run_cli(capsys, "--eval-only", "--checkpoint", os.path.join(summary["run_dir"], "model.pt"),
                         "--data-csv", bad_csv, "--runs-dir", str(tmp_path / "runs"))
-    assert code == 2 and "has no open column" in err
+    assert code == 2 and "has no volume column" in err
     assert not os.path.exists(tmp_path / "runs")  # nothing written before the error
+
+
+@pytest.mark.xdist_group("compiled_trading")
+def test_eval_only_applies_the_settings_it_is_given_and_records_them(saved_run, tmp_path, capsys):
+    summary, _ = saved_run
+    model = os.path.join(summary["run_dir"], "model.pt")
+    monthly = tr.main(tr.Args(eval_only=True, checkpoint=model, periods_per_year=12, runs_dir=str(tmp_path),
+                              cuda=False))
+    assert monthly["settings"]["periods_per_year"] == {"value": 12, "from": "command line"}
+    assert monthly["settings"]["train_frac"] == {"value": 0.7, "from": "checkpoint"}
+    assert "periods_per_year 12 (command line)" in capsys.readouterr().out
+    before = summary["test"]
+    for name in ("baseline", "intrinsic"):  # every Sharpe and volatility scales by sqrt(12 / 252)
+        for key in ("sharpe", "volatility"):
+            assert monthly["test"]["agents"][name][key] == pytest.approx(
+                before["agents"][name][key] * math.sqrt(12 / 252), rel=1e-9)
+    assert monthly["test"]["buy_and_hold"]["sharpe"] == pytest.approx(
+        before["buy_and_hold"]["sharpe"] * math.sqrt(12 / 252), rel=1e-9)
+    costly = tr.main(tr.Args(eval_only=True, checkpoint=model, cost_bp=25.0, runs_dir=str(tmp_path), cuda=False))
+    assert costly["settings"]["cost_bp"] == {"value": 25.0, "from": "command line"}
+    data = tr.prepare_data(tr.Args(), tr.synthetic_market(3000, 0), "m")  # the saved run's market
+    lo = data.splits["test"][0]
+    first = data.close[lo + 1] / data.close[lo] - 1  # buy-and-hold pays the entry cost on its first step
+    assert 1 + costly["test"]["buy_and_hold"]["total_return"] == pytest.approx(
+        (1 + before["buy_and_hold"]["total_return"]) * (1 + first - 25e-4) / (1 + first - 10e-4), rel=1e-9)
+    with pytest.raises(tr.UserError, match="--hidden-size 64: the checkpoint's networks were built with 32"):
+        tr.main(tr.Args(eval_only=True, checkpoint=model, hidden_size=64, runs_dir=str(tmp_path), cuda=False))
+
+
+def test_keep_best_restores_the_kept_steps_networks_and_targets(tmp_path):
+    args = tr.Args(learning_starts=100, compile=False, cuda=False)
+    agent = tr.TD3(8, args, torch.device("cpu"), None, seed=0)
+    log = tr.TrainingLog("baseline", args, str(tmp_path), np.zeros((4, 8)))
+    result = lambda sharpe: {"saturation": {"near_bound_ratio": 0.0, "kappa_mean": 1.0}, "q1_mean": 0.0,  # noqa
+                             "metrics": {"sharpe": sharpe, "total_return": 0.0}}
+    log.evaluation(result(5.0), agent, 100)  # before learning starts: never kept, however good
+    kept = {part: copy.deepcopy(getattr(agent, part).state_dict()) for part in tr.AGENT_PARTS}
+    log.evaluation(result(1.0), agent, 200)
+    for part in tr.AGENT_PARTS:  # training goes on: every network and target moves
+        for p in getattr(agent, part).parameters():
+            p.add_(1.0)
+    log.evaluation(result(0.5), agent, 300)
+    log.restore_best(agent)
+    assert log.best_step == 200
+    for part in tr.AGENT_PARTS:
+        for name, value in getattr(agent, part).state_dict().items():
+            assert torch.equal(value, kept[part][name]), (part, name)
+
+
+def test_a_model_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    assert_code_running_model_file_is_refused(SCRIPT, tr.MODEL_FORMAT, tmp_path)
