@@ -399,8 +399,8 @@ def test_a_checkpoint_of_the_previous_format_is_refused_by_name(tmp_path):
         td3.main(td3.Args(eval_only=True, checkpoint=str(path), runs_dir=str(tmp_path), cuda=False))
 
 
-def test_a_model_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
-    assert_code_running_model_file_is_refused(SCRIPT, "td3_continuous/3", tmp_path)
+def test_a_model_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path, capsys, monkeypatch):
+    assert_code_running_model_file_is_refused(td3, "td3_continuous/3", tmp_path, capsys, monkeypatch)
 
 
 # --- whole runs ---------------------------------------------------------------------------------

@@ -776,12 +776,12 @@ def test_verdict_needs_a_lead_over_both_benchmarks_beyond_the_noise():
 
 def test_a_random_walk_gets_the_no_edge_verdict(tmp_path, capsys):
     rng = np.random.default_rng(5)
-    close = 100 * np.exp(np.cumsum(0.01 * rng.standard_normal(1000)))  # no drift, no regime: nothing to learn
+    close = 100 * np.exp(np.cumsum(0.01 * rng.standard_normal(900)))  # no drift, no regime: nothing to learn
     rows = [[str(np.datetime64("2001-01-01") + i), round(c, 4), int(1e6 * rng.uniform(0.5, 1.5))]
             for i, c in enumerate(close)]
     path = write_rows(tmp_path / "walk.csv", ["Date", "Close", "Volume"], rows)
-    summary = tr.main(tr.Args(data_csv=path, intrinsic_kind="none", state_norm=True, total_timesteps=1000,
-                              learning_starts=500, eval_frequency=500, compile=False, cuda=False,
+    summary = tr.main(tr.Args(data_csv=path, intrinsic_kind="none", state_norm=True, total_timesteps=600,
+                              learning_starts=300, eval_frequency=300, compile=False, cuda=False,
                               runs_dir=str(tmp_path / "runs")))
     assert summary["periods_per_year"] == 365 and summary["frequency"].startswith("daily bars")  # 7 days a week
     assert not summary["verdict"]["baseline"]["edge"]
@@ -984,5 +984,5 @@ def test_keep_best_restores_the_kept_steps_networks_and_targets(tmp_path):
             assert torch.equal(value, kept[part][name]), (part, name)
 
 
-def test_a_model_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
-    assert_code_running_model_file_is_refused(SCRIPT, tr.MODEL_FORMAT, tmp_path)
+def test_a_model_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path, capsys, monkeypatch):
+    assert_code_running_model_file_is_refused(tr, tr.MODEL_FORMAT, tmp_path, capsys, monkeypatch)
