@@ -1182,14 +1182,13 @@ def report(args: Args, run_dir: str, data: MarketData, normalizer: Optional[Stat
     write_json_atomic(os.path.join(run_dir, "td3_action_saturation.json"), saturation)
     if args.save_model:
         save_model(os.path.join(run_dir, "model.pt"), args, data, agents, fit_range)
+    val = {name: res["metrics"] for name, res in result["results"]["val"].items()}  # the kept agents'
     summary = {"status": "completed", "exit_code": EXIT_CODES["completed"], "run_dir": run_dir, "seed": args.seed,
                "state_norm": args.state_norm, "stationary": args.state_norm and args.stationary,
                "total_timesteps": args.total_timesteps, "periods_per_year": data.periods_per_year,
                "frequency": data.frequency, "test": result["eval"], "selected_step": selected,
-               "val": {name: res["metrics"] for name, res in result["results"]["val"].items()},
-               "val_benchmarks": result["benchmarks"]["val"],
-               "verdict": verdict({name: res["metrics"] for name, res in result["results"]["val"].items()},
-                                  result["benchmarks"]["val"], data.periods_per_year),
+               "val": val, "val_benchmarks": result["benchmarks"]["val"],
+               "verdict": verdict(val, result["benchmarks"]["val"], data.periods_per_year),
                "saturation": {name: log.history[-1] for name, log in logs.items()},
                "saturation_test": {name: res["saturation"] for name, res in result["results"]["test"].items()},
                "paired": saturation["paired"] and {k: v for k, v in saturation["paired"].items() if k != "history"},

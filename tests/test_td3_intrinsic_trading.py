@@ -984,5 +984,29 @@ def test_keep_best_restores_the_kept_steps_networks_and_targets(tmp_path):
             assert torch.equal(value, kept[part][name]), (part, name)
 
 
+def test_the_q_comparison_scores_both_critics_on_the_same_states(tmp_path):
+    args = tr.Args(compile=False, cuda=False)
+    base, intr = (tr.TD3(8, args, torch.device("cpu"), None, seed=s) for s in (0, 1))
+    rng = np.random.default_rng(0)
+    own = {"baseline": rng.normal(size=(5, 8)), "intrinsic": 3 + rng.normal(size=(7, 8))}  # two trajectories
+    results = {name: {"observations": obs, "actions": np.zeros(len(obs)), "equity": np.ones(len(obs) + 1)}
+               for name, obs in own.items()}
+
+    def q1_by_hand(agent, obs):  # Q1(s, pi(s)) straight from the networks
+        x = torch.as_tensor(obs, dtype=torch.float32)
+        with torch.no_grad():
+            return float(agent.qf.q1(x, agent.actor(x)).double().mean())
+    both = np.concatenate([own["baseline"], own["intrinsic"]])
+    paired = tr.final_paired({"baseline": base, "intrinsic": intr}, results)
+    assert paired["q1_delta_mean"] == pytest.approx(q1_by_hand(intr, both) - q1_by_hand(base, both), rel=1e-5)
+    each_on_its_own = q1_by_hand(intr, own["intrinsic"]) - q1_by_hand(base, own["baseline"])
+    assert abs(paired["q1_delta_mean"] - each_on_its_own) > 1e-3  # what the old comparison measured differs
+    log = tr.TrainingLog("baseline", args, str(tmp_path), both)  # the history: Q1 on the states it was given
+    log.evaluation({"saturation": {"near_bound_ratio": 0.0, "kappa_mean": 1.0}, "q1_mean": 0.0,
+                    "metrics": {"sharpe": 0.0, "total_return": 0.0}}, base, 100)
+    log.writer.close()
+    assert log.history[0]["q1_mean_fit_states"] == pytest.approx(q1_by_hand(base, both), rel=1e-5)
+
+
 def test_a_model_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path, capsys, monkeypatch):
     assert_code_running_model_file_is_refused(tr, tr.MODEL_FORMAT, tmp_path, capsys, monkeypatch)
