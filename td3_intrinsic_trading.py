@@ -209,6 +209,7 @@ def market_features(close: np.ndarray, volume: np.ndarray, stationary: bool = Fa
         else ("close", close)
     return {level[0]: level[1], "volume": volume, "log_return": log_ret,
             "realized_vol_10": pad(window(log_ret, 10).std(axis=1)),  # realized vol of the last 10 returns
+            "log_volume_mean_10": pad(window(np.log1p(volume), 10).mean(axis=1)),  # activity, one bar's noise averaged
             "momentum_10": pad(np.log(close[WARMUP:] / close[WARMUP - 10:-10])),  # 10-step momentum
             "close_over_ma20_minus_1": pad(close[WARMUP:] / last20.mean(axis=1) - 1.0)}  # distance from MA20
 
@@ -789,7 +790,7 @@ SPLIT_TOLERANCE = math.log(1.15)  # a split day's own move is within +-15%
 # (else it lists every cause): this script's scales are lr ~ 3e-5 and |r_tot| ~ 1-10.
 DIVERGENCE_HINTS = {"learning_rate": 1e-3, "reward": 100.0}
 EXIT_CODES = {"completed": 0, "diverged": 1}  # interrupted: 128 + the signal (130 SIGINT, 143 SIGTERM)
-MODEL_FORMAT = "td3_intrinsic_trading/4"  # bumped when the observation layout, the keys or their meaning change
+MODEL_FORMAT = "td3_intrinsic_trading/4"  # bumped when the keys or their meaning change (features: by their names)
 
 
 class UserError(Exception):
@@ -972,6 +973,7 @@ def feature_transforms(args: Args, names: list[str]) -> list[str]:
     scale = "robust (x - median)/IQR" if args.state_norm_kind == "robust" else "zscore (x - mean)/std"
     steps = {"volume": "log1p, " if args.log_volume else "",
              "log_close_over_max20": "log(close_t / max(close_t-19..t)), ",
+             "log_volume_mean_10": "mean of log1p(volume) over the last 10 bars, ",
              "equity_drawdown": "equity_t / running peak of the episode - 1, "}
     return [f"{steps.get(name, '')}{scale}, clip +-10" for name in names]
 

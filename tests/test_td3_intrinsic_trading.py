@@ -132,6 +132,12 @@ def test_features_by_hand():
     log_ret = np.diff(np.log(rough))
     for t in (20, 27, 39):
         assert vol[t] == pytest.approx(np.std(log_ret[t - 10:t]), rel=1e-12)
+    # mean log volume: log(1 + V) of the bars t-9..t, a hand loop over a volume that grows by one a bar
+    volume = np.arange(1.0, 41.0)
+    mean_log_volume = tr.market_features(rough, volume)["log_volume_mean_10"]
+    for t in (20, 27, 39):
+        assert mean_log_volume[t] == pytest.approx(sum(math.log(2.0 + k) for k in range(t - 9, t + 1)) / 10, rel=1e-12)
+    assert np.isnan(mean_log_volume[tr.WARMUP - 1])
 
 
 def test_stationary_features_by_hand():
@@ -571,9 +577,9 @@ def test_saturation_stats_by_hand():
 # --- normalizer -----------------------------------------------------------------------------------
 def test_state_normalizer_zscore_and_robust_against_numpy():
     rng = np.random.default_rng(0)
-    x = np.column_stack([rng.normal(100, 5, 500), np.exp(rng.normal(15, 0.3, 500)), rng.normal(0, 0.01, 500),
-                         rng.uniform(0, 0.02, 500), rng.normal(0, 0.05, 500), rng.normal(0, 0.02, 500),
-                         rng.uniform(-1, 1, 500), rng.normal(1e5, 1e3, 500)])
+    columns = {"close": rng.normal(100, 5, 500), "volume": np.exp(rng.normal(15, 0.3, 500)),
+               "equity": rng.normal(1e5, 1e3, 500)}  # every other feature ~1e-2: one column per name, any number
+    x = np.column_stack([columns.get(name, rng.normal(0, 0.02, 500)) for name in RAW_NAMES])
     z = tr.StateNormalizer(RAW_NAMES, "zscore", log_volume=True).fit(x)
     logged = x.copy()
     logged[:, RAW_NAMES.index("volume")] = np.log1p(logged[:, RAW_NAMES.index("volume")])
