@@ -1488,11 +1488,11 @@ def bars_per_year(dates: list) -> tuple[int, str]:
 
 
 def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
-    """Price CSV without pandas: a date (or Date and Time) column, Close, Volume, optionally an adjusted
-    close (Adj Close, adj_close, adjusted_close, ...; the close is scaled by it: splits, dividends); other
-    columns are ignored. Sorted by date ascending. Rows with an empty or `null` value (market holidays in
-    Yahoo exports) are skipped with one warning; repeated timestamps and implausible one-step moves stop
-    the run unless accepted."""
+    """Price CSV without pandas: a date column (or Date and Time, or an unnamed first column), Close, Volume,
+    optionally an adjusted close (Adj Close, adj_close, adjusted_close, ...; the close is scaled by it: splits,
+    dividends); other columns are ignored. Sorted by date ascending. Rows with an empty or `null` value
+    (market holidays in Yahoo exports) are skipped with one warning; repeated timestamps and implausible
+    one-step moves stop the run unless accepted."""
     rows, delimiter = read_csv_rows(path)
     header = [h.strip().lower().replace("_", " ") for h in rows[0]]
     col = {}
@@ -1500,6 +1500,8 @@ def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
                           ("close", ("close",)), ("volume", ("volume",)),
                           ("adj close", ("adj close", "adjclose", "adjusted close"))):
         found = [i for i, h in enumerate(header) if h in options]
+        if not found and name == "date" and header[0] == "":  # pandas' to_csv writes its date index unnamed
+            found = [0]
         if found:
             col[name] = found[0]
         elif name != "adj close":

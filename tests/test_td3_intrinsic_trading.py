@@ -449,6 +449,16 @@ def test_periods_per_year_from_the_timestamps_sets_sharpe(tmp_path, rows, period
     assert tr.prepare_data(tr.Args(periods_per_year=12), m, "f").periods_per_year == 12  # the flag wins
 
 
+def test_an_unnamed_first_column_is_the_date(tmp_path):
+    """pandas' DataFrame.to_csv writes its date index under an empty header."""
+    rows = [[r[0], r[1], r[2]] for r in hourly_rows(3)]
+    m = tr.load_csv(write_rows(tmp_path / "pd.csv", ["", "Close", "Volume"], rows))
+    assert m.dates[:2] == ["2001-01-01T00:00:00", "2001-01-01T01:00:00"] and m.periods_per_year == 24 * 260
+    assert m.close[1] == rows[1][1]
+    with pytest.raises(tr.UserError, match="has no date column"):  # an unnamed column elsewhere is not a date
+        tr.load_csv(write_rows(tmp_path / "no.csv", ["Close", "", "Volume"], [[r[1], r[0], r[2]] for r in rows]))
+
+
 def test_date_and_time_columns_are_one_timestamp(tmp_path):
     rows = [[*r[0].split(" "), r[1], r[2]] for r in hourly_rows(8, bars_per_day=7)]
     m = tr.load_csv(write_rows(tmp_path / "dt.csv", ["Date", "Time", "Close", "Volume"], rows))
