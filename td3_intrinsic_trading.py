@@ -235,8 +235,6 @@ class TradingEnv(gym.Env):
     holds equity / its running peak - 1 (the drawdown) instead of equity, which grows with the episode.
     """
 
-    metadata = {"render_modes": []}
-
     def __init__(self, close: np.ndarray, features: dict, start: int, end: int, episode_length: Optional[int],
                  cost: float = 0.001, risk_penalty: float = 10.0, reward_scale: float = 100.0,
                  initial_equity: float = 1e5, relative_equity: bool = False):
@@ -253,8 +251,7 @@ class TradingEnv(gym.Env):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (len(self.names),), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.t = self.t_end = start
-        self.position, self.equity = 0.0, initial_equity
-        self.peak_equity = initial_equity
+        self.position, self.equity, self.peak_equity = 0.0, initial_equity, initial_equity
 
     def _obs(self) -> np.ndarray:
         equity = self.equity / self.peak_equity - 1.0 if self.relative_equity else self.equity
@@ -675,25 +672,19 @@ def evaluate_split(agent: TD3, env: TradingEnv, periods_per_year: int) -> dict:
             "saturation": action_saturation_stats(actions)}
 
 
-def position_returns(close: np.ndarray, positions: np.ndarray, bounds: tuple, cost: float) -> np.ndarray:
-    """Step returns of a fixed position schedule over a split, the agents' cost model: p_t earns
-    C_{t+1}/C_t - 1 and pays cost * |p_t - p_{t-1}|, starting flat."""
-    start, end = bounds
-    asset = close[start + 1: end] / close[start: end - 1] - 1.0
-    return positions * asset - cost * np.abs(np.diff(np.concatenate([[0.0], positions])))
-
-
 def benchmark_metrics(close: np.ndarray, realized_vol: np.ndarray, bounds: tuple, vol_threshold: float,
                       cost: float, periods_per_year: int) -> dict:
     """Buy-and-hold (one entry cost), flat, and the rule baseline vol_filter: long (1) while the 10-step
     realized vol is below its train-split median (vol_threshold), else flat; a bear regime is twice as
     volatile, so low vol says "bull" without looking ahead. Over the agents' evaluation steps."""
     start, end = bounds
+    asset = close[start + 1: end] / close[start: end - 1] - 1.0
     schedules = {"buy_and_hold": np.ones(end - start - 1), "flat": np.zeros(end - start - 1),
                  "vol_filter": (realized_vol[start: end - 1] < vol_threshold).astype(np.float64)}
     out = {"metrics": {}, "equity": {}}
     for name, positions in schedules.items():
-        returns = position_returns(close, positions, bounds, cost)
+        # the agents' cost model: p_t earns C_{t+1}/C_t - 1 and pays cost * |p_t - p_{t-1}|, starting flat
+        returns = positions * asset - cost * np.abs(np.diff(np.concatenate([[0.0], positions])))
         out["metrics"][name] = performance_metrics(returns, positions, periods_per_year)
         out["equity"][name] = np.concatenate([[1.0], np.cumprod(1.0 + returns)])
     return out
@@ -1151,11 +1142,10 @@ def report(args: Args, run_dir: str, data: MarketData, normalizer: Optional[Stat
            final_test: dict, final_pair: Optional[dict]) -> dict:
     """After training: the kept agents on validation and test, the audit files, model.pt, the summary."""
     agents, logs = {name: t["agent"] for name, t in trained.items()}, {name: t["log"] for name, t in trained.items()}
-    ref = data.fit_states
-    inputs = network_inputs(ref, normalizer)
+    inputs = network_inputs(data.fit_states, normalizer)
     fit_range = (inputs.min(axis=0), inputs.max(axis=0))  # the range the networks saw fitted: the shift yardstick
     result = evaluation_report(args, run_dir, data, agents, normalizer, fit_range, ["val", "test"])
-    write_scale_summary(run_dir, args, data.names, ref, normalizer, result)
+    write_scale_summary(run_dir, args, data.names, data.fit_states, normalizer, result)
     selected = {name: log.best_step if args.keep_best and log.best_state else args.total_timesteps
                 for name, log in logs.items()}
     # summary/history: validation evaluations during training; selected: the checkpoint kept (best validation
@@ -1663,11 +1653,9 @@ def check_args(args: Args) -> None:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("learning_starts", "threads", "policy_noise", "exploration_noise", "noise_clip",
-                 "cost_bp", "risk_penalty", "intrinsic_coef"):
-        if getattr(args, name) < 0:
+                 "cost_bp", "risk_penalty", "intrinsic_coef", "preactivation_penalty"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.preactivation_penalty is not None and args.preactivation_penalty < 0:
-        raise UserError(f"--preactivation-penalty must be >= 0, got {args.preactivation_penalty}")
     if not (0.0 <= args.gamma < 1.0 and 0.0 < args.tau <= 1.0):
         raise UserError(f"--gamma must be in [0, 1) and --tau in (0, 1], got {args.gamma} and {args.tau}")
     if not (0 < args.train_frac < 1 and 0 < args.val_frac < 1 and args.train_frac + args.val_frac < 1):
