@@ -685,7 +685,8 @@ def test_rnd_error_falls_on_repeated_inputs_and_stays_higher_on_new_ones():
     seen = torch.randn(256, 8) * 3 + 1
     before = rnd.prediction_error(seen).mean().item()
     for _ in range(600):
-        rnd(None, None, seen)  # kind rnd reads s' only
+        _, grads = rnd(None, None, seen)  # kind rnd reads s' only
+        rnd.learn(grads)
     after = rnd.prediction_error(seen).mean().item()
     new = rnd.prediction_error(torch.randn(256, 8) * 3 + 1).mean().item()
     assert after < 0.5 * before  # the predictor learned what it saw
@@ -728,14 +729,58 @@ def test_compiled_update_matches_eager_update():
     assert eager.intrinsic_mean_delta() == pytest.approx(compiled.intrinsic_mean_delta(), rel=1e-5)
 
 
+class VisitCountBonus(torch.nn.Module):
+    """A fork's intrinsic reward in ordinary Python: 1/sqrt(visits) of s'[0] rounded to 0.5, counts in a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def forward(self, obs, actions, next_obs):
+        keys = [round(2 * float(x)) / 2 for x in next_obs[:, 0]]
+        for key in keys:
+            self.counts[key] = self.counts.get(key, 0) + 1
+        return torch.tensor([self.counts[key] ** -0.5 for key in keys]), {}
+
+    def learn(self, grads):
+        pass
+
+
+@pytest.mark.xdist_group("compiled_trading")
+def test_an_intrinsic_reward_in_ordinary_python_runs_compiled():
+    """The RND fork place takes plain Python: the compiled critic step runs it eagerly (a graph break) and
+    trains exactly as the eager agent does; r_tot = r_env + w / sqrt(visits), checked against the counts."""
+    args = tr.Args(state_norm=True, intrinsic_kind="rnd", intrinsic_coef=0.5, cuda=False)
+    agents = []
+    for compile_ in (False, True):
+        agent = tr.TD3(8, args, torch.device("cpu"), None, seed=0, intrinsic=VisitCountBonus())
+        if compile_:
+            tr.compile_update(agent)
+        agents.append(agent)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batch = (torch.randn(256, 8, generator=gen), torch.rand(256, 1, generator=gen) * 2 - 1,
+                 torch.randn(256, generator=gen), torch.zeros(256), torch.randn(256, 8, generator=gen))
+        before = {key: count for key, count in agents[0].intrinsic.counts.items()}
+        m_eager, m_compiled = (agent.update(batch) for agent in agents)
+        keys = [round(2 * float(x)) / 2 for x in batch[4][:, 0]]
+        visits = [before.get(key, 0) + keys.count(key) for key in keys]  # the counts after this batch
+        expected = batch[2] + 0.5 * torch.tensor([v ** -0.5 for v in visits])
+        assert torch.allclose(m_eager["rewards"], expected) and torch.allclose(m_compiled["rewards"], expected)
+        assert torch.allclose(m_eager["qf_losses"], m_compiled["qf_losses"], rtol=1e-4)
+    assert agents[0].intrinsic.counts == agents[1].intrinsic.counts and sum(agents[1].intrinsic.counts.values()) == 768
+    for p, q in zip(agents[0].qf.parameters(), agents[1].qf.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+
+
 def test_sa_rnd_bonus_varies_with_the_action_rnd_does_not():
     obs, next_obs = torch.randn(64, 8), torch.randn(64, 8)
     low, high = torch.full((64, 1), -0.8), torch.full((64, 1), 0.8)
     for kind, depends in (("rnd", False), ("sa-rnd", True)):
         rnd = tr.RND(kind, 8, seed=0)
         rnd(obs, torch.rand(64, 1, generator=torch.Generator().manual_seed(0)) * 2 - 1, next_obs)  # varied actions
-        bonus_low = copy.deepcopy(rnd)(obs, low, next_obs)  # the same RND, scoring the same states
-        bonus_high = copy.deepcopy(rnd)(obs, high, next_obs)  # with another action
+        bonus_low, _ = copy.deepcopy(rnd)(obs, low, next_obs)  # the same RND, scoring the same states
+        bonus_high, _ = copy.deepcopy(rnd)(obs, high, next_obs)  # with another action
         assert (not torch.equal(bonus_low, bonus_high)) == depends
 
 
