@@ -454,9 +454,7 @@ def reference_states(env: TradingEnv, seed: int) -> np.ndarray:
 
 # INTRINSIC REWARD -------------------------------------------------------------------------------
 class RND(nn.Module):
-    """FORK: another intrinsic reward: a module whose forward(obs, actions, next_obs) returns (r_int, grads): one
-    bonus per sample and the gradient of its own loss by parameter name ({} if it learns no weights); the
-    agent calls it inside its compiled critic step (ordinary Python runs there too, eagerly), then learn(grads).
+    """FORK: another intrinsic reward: any callable (obs, actions, next_obs) -> r_int, one per sample.
 
     Random Network Distillation (Burda et al. 2018): novelty = the error of a trained predictor against
     a fixed random network. "rnd" looks at s' only: it depends on the action just through s'[position]
@@ -481,7 +479,7 @@ class RND(nn.Module):
         params = predictor_params if predictor_params is not None else dict(self.predictor.named_parameters())
         return (torch.func.functional_call(self.predictor, params, (x,)) - self.target(x)).square().mean(dim=-1)
 
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor, next_obs: torch.Tensor):
+    def predictor_gradients(self, obs: torch.Tensor, actions: torch.Tensor, next_obs: torch.Tensor):
         """Update the input statistics, score the batch, and the gradient of the predictor's loss on it;
         r_int = error / running std of the errors."""
         x = next_obs if self.kind == "rnd" else torch.cat([obs, actions], dim=-1)
@@ -492,11 +490,13 @@ class RND(nn.Module):
             return error.mean(), error
         grads, (_, error) = torch.func.grad_and_value(loss, has_aux=True)(dict(self.predictor.named_parameters()))
         self.error_stats.update(error[:, None])
-        return error / torch.sqrt(self.error_stats.var + 1e-8).float(), grads
+        return grads, error / torch.sqrt(self.error_stats.var + 1e-8).float()
 
-    def learn(self, grads: dict) -> None:
-        """The predictor's step, with the gradients forward returned (outside the compiled graph)."""
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        """r_int for a training batch: score it, train the predictor on it."""
+        grads, r_int = self.predictor_gradients(obs, actions, next_obs)
         optimizer_step(self.optimizer, self.predictor, grads)
+        return r_int
 
 
 # ALGO LOGIC: the TD3 update ---------------------------------------------------------------------
@@ -580,15 +580,7 @@ class TD3:
         return torch.clamp(a, self.action_low, self.action_high)[0].cpu().numpy()
 
     def critic_gradients(self, obs, actions, rewards, terminations, next_obs, noise):
-        """Gradient of the critic loss: both critics regress on the clipped double-Q target. Takes raw states:
-        the reward hook scores them (r_tot = r_env + w * r_int, made per batch), the networks see them normalized."""
-        hook_grads = {}
-        if self.intrinsic is not None:
-            r_int, hook_grads = self.intrinsic(obs, actions, next_obs)
-            bonus = self.intrinsic_coef * r_int
-            rewards = rewards + bonus
-            self.intrinsic_delta += bonus.mean()
-        obs, next_obs = self.norm(obs), self.norm(next_obs)
+        """Gradient of the critic loss: both critics regress on the clipped double-Q target."""
         with torch.no_grad():
             y = td3_target(self.actor_target, self.qf_target, next_obs, rewards, terminations, noise,
                            self.args.gamma, self.action_low, self.action_high)
@@ -596,14 +588,13 @@ class TD3:
         def critic_loss(qf_params):
             q = torch.func.functional_call(self.qf, qf_params, (obs, actions))  # [2, batch]
             qf_losses = (q - y).square().mean(dim=1)  # [qf1_loss, qf2_loss]
-            return qf_losses.sum(), {"qf_losses": qf_losses, "q_means": q.mean(dim=1), "rewards": rewards}
+            return qf_losses.sum(), {"qf_losses": qf_losses, "q_means": q.mean(dim=1)}
         grads, (_, metrics) = torch.func.grad_and_value(critic_loss, has_aux=True)(dict(self.qf.named_parameters()))
-        return grads, hook_grads, metrics
+        return grads, metrics
 
     def actor_loss(self, actor_params: dict, obs: torch.Tensor) -> torch.Tensor:
-        """-mean Q1(s, pi(s)) + beta * mean(u^2) on normalized states: the deterministic policy gradient, plus
-        the pull off the bound (at the bound kappa ~ 0 and the critic's gradient no longer reaches the actor)."""
-        obs = self.norm(obs)
+        """-mean Q1(s, pi(s)) + beta * mean(u^2): the deterministic policy gradient, plus the pull off the
+        bound (at the bound kappa ~ 0 and the critic's gradient no longer reaches the actor)."""
         actions, u = torch.func.functional_call(self.actor, actor_params, (obs,), {"with_preactivation": True})
         return -self.qf.q1(obs, actions).mean() + self.penalty * u.square().mean()
 
@@ -611,15 +602,19 @@ class TD3:
         return torch.func.grad_and_value(self.actor_loss)(dict(self.actor.named_parameters()), obs)
 
     def update(self, batch) -> dict:
-        """One critic step (+ actor and targets every policy_frequency-th call); the batch holds raw states."""
+        """One critic step (+ actor and targets every policy_frequency-th call), on raw observations."""
         obs, actions, rewards, terminations, next_obs = batch
+        if self.intrinsic is not None:  # the reward hook, on raw states
+            bonus = self.intrinsic_coef * self.intrinsic(obs, actions, next_obs)
+            rewards = rewards + bonus
+            self.intrinsic_delta += bonus.mean()
+        obs, next_obs = self.norm(obs), self.norm(next_obs)
         noise = smoothing_noise(actions, self.args.policy_noise, self.args.noise_clip, self.actor.action_scale,
                                 self.generator)
-        grads, hook_grads, metrics = self.critic_gradients(obs, actions, rewards, terminations, next_obs, noise)
+        grads, metrics = self.critic_gradients(obs, actions, rewards, terminations, next_obs, noise)
         optimizer_step(self.q_optimizer, self.qf, grads)
-        if self.intrinsic is not None:
-            self.intrinsic.learn(hook_grads)
         self.n_updates += 1
+        metrics["rewards"] = rewards
         if self.n_updates % self.args.policy_frequency == 0:  # delayed policy updates
             grads, metrics["actor_loss"] = self.actor_gradients(obs)
             optimizer_step(self.actor_optimizer, self.actor, grads)
@@ -1691,10 +1686,12 @@ def require_cxx_compiler(device: torch.device) -> None:
 
 
 def compile_update(agent: TD3) -> None:
-    """--compile: each gradient one graph of C++ kernels (the reward hook's inside the critic's); graphs are
-    shared by the agents of a run. Code dynamo cannot trace runs eagerly (a graph break: slower, still right)."""
+    """--compile: each gradient one graph of C++ kernels (the RND predictor's too); graphs are shared by
+    the agents of a run. Code dynamo cannot trace runs eagerly (a graph break: slower, still right)."""
     agent.critic_gradients = torch.compile(agent.critic_gradients)
     agent.actor_gradients = torch.compile(agent.actor_gradients)
+    if isinstance(agent.intrinsic, RND):
+        agent.intrinsic.predictor_gradients = torch.compile(agent.intrinsic.predictor_gradients)
 
 
 class StopOnSignal:

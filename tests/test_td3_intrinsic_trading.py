@@ -1,6 +1,7 @@
 """Tests of td3_intrinsic_trading.py: env, data, metrics and normalizer by hand; the freeze by a real run."""
 
 import copy
+import functools
 import json
 import math
 import os
@@ -613,7 +614,9 @@ def read_json(run_dir, name):
 
 
 # Every test that runs the compiled trading update is marked xdist_group("compiled_trading"): one worker
-# then builds its graphs once (on a fresh machine each C++ build costs 20-30 s) and the fixtures run once.
+# then builds its graphs once (on a fresh machine each C++ build costs 20-30 s) and the fixtures run once. The
+# state normalizer runs outside the graphs, so raw and normalized runs share them; the parity test and the fork
+# test use the main command's observation size, so they add no graph.
 @pytest.fixture(scope="session")
 def freeze_runs(tmp_path_factory):
     """The issues' two commands: the note's puzzle (raw features, rnd) and the fix (--state-norm, sa-rnd).
@@ -685,8 +688,7 @@ def test_rnd_error_falls_on_repeated_inputs_and_stays_higher_on_new_ones():
     seen = torch.randn(256, 8) * 3 + 1
     before = rnd.prediction_error(seen).mean().item()
     for _ in range(600):
-        _, grads = rnd(None, None, seen)  # kind rnd reads s' only
-        rnd.learn(grads)
+        rnd(None, None, seen)  # kind rnd reads s' only
     after = rnd.prediction_error(seen).mean().item()
     new = rnd.prediction_error(torch.randn(256, 8) * 3 + 1).mean().item()
     assert after < 0.5 * before  # the predictor learned what it saw
@@ -700,22 +702,40 @@ def test_compile_without_a_cxx_compiler_is_a_user_error(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+@functools.lru_cache
+def main_command_layout():
+    """The main command's (--state-norm) raw states and normalizer, fitted as main fits it: compiled tests
+    built at this layout reuse the main command's graphs instead of building their own."""
+    args = tr.Args(state_norm=True)
+    data = tr.prepare_data(args, *tr.load_market(args))
+    states = tr.reference_states(tr.trading_env(data, "train", args, training=False), args.seed)
+    return torch.as_tensor(states, dtype=torch.float32), \
+        tr.StateNormalizer(data.names, args.state_norm_kind, args.log_volume).fit(states)
+
+
+def random_batch(gen, states):
+    """A replay batch (obs, actions, rewards, terminations, next_obs) of random rows of real raw states."""
+    rows = lambda: states[torch.randint(len(states), (256,), generator=gen)]  # noqa: E731
+    actions = torch.rand(256, 1, generator=gen) * 2 - 1
+    return rows(), actions, torch.randn(256, generator=gen), torch.zeros(256), rows()
+
+
 @pytest.mark.xdist_group("compiled_trading")
 def test_compiled_update_matches_eager_update():
     """The one compiled-vs-eager parity test: the intrinsic agent's update (critic, actor, RND predictor) at
-    the default shape, which the other compiled tests and the main command reuse."""
-    args = tr.Args(state_norm=True, intrinsic_kind="sa-rnd", cuda=False)
+    the main command's layout, which the other compiled tests reuse."""
+    args, (states, normalizer) = tr.Args(state_norm=True, intrinsic_kind="rnd", cuda=False), main_command_layout()
+    obs_dim = states.shape[1]
     agents = []
     for compile_ in (False, True):
-        agent = tr.TD3(8, tr.dataclasses.replace(args, compile=compile_), torch.device("cpu"), None, seed=0,
-                       intrinsic=tr.RND("sa-rnd", 8, seed=0))
+        agent = tr.TD3(obs_dim, tr.dataclasses.replace(args, compile=compile_), torch.device("cpu"), normalizer,
+                       seed=0, intrinsic=tr.RND("rnd", obs_dim, seed=0))
         if compile_:
             tr.compile_update(agent)
         agents.append(agent)
     gen = torch.Generator().manual_seed(0)
     for _ in range(4):
-        batch = (torch.randn(256, 8, generator=gen), torch.rand(256, 1, generator=gen) * 2 - 1,
-                 torch.randn(256, generator=gen), torch.zeros(256), torch.randn(256, 8, generator=gen))
+        batch = random_batch(gen, states)
         m_eager, m_compiled = (agent.update(batch) for agent in agents)
         assert torch.allclose(m_eager["qf_losses"], m_compiled["qf_losses"], rtol=1e-4)
         assert torch.allclose(m_eager["rewards"], m_compiled["rewards"], rtol=1e-4, atol=1e-6)  # r_tot: RND inside
@@ -730,45 +750,43 @@ def test_compiled_update_matches_eager_update():
 
 
 class VisitCountBonus(torch.nn.Module):
-    """A fork's intrinsic reward in ordinary Python: 1/sqrt(visits) of s'[0] rounded to 0.5, counts in a dict."""
+    """A fork's intrinsic reward in ordinary Python: 1/sqrt(visits) of the action rounded to 0.25, in a dict."""
 
     def __init__(self):
         super().__init__()
         self.counts = {}
 
     def forward(self, obs, actions, next_obs):
-        keys = [round(2 * float(x)) / 2 for x in next_obs[:, 0]]
+        keys = [round(4 * float(a)) / 4 for a in actions[:, 0]]
         for key in keys:
             self.counts[key] = self.counts.get(key, 0) + 1
-        return torch.tensor([self.counts[key] ** -0.5 for key in keys]), {}
-
-    def learn(self, grads):
-        pass
+        return torch.tensor([self.counts[key] ** -0.5 for key in keys])
 
 
 @pytest.mark.xdist_group("compiled_trading")
 def test_an_intrinsic_reward_in_ordinary_python_runs_compiled():
-    """The RND fork place takes plain Python: the compiled critic step runs it eagerly (a graph break) and
-    trains exactly as the eager agent does; r_tot = r_env + w / sqrt(visits), checked against the counts."""
-    args = tr.Args(state_norm=True, intrinsic_kind="rnd", intrinsic_coef=0.5, cuda=False)
+    """The RND fork place takes plain Python: with the default (compiled) update the agent trains exactly as
+    the eager agent does; r_tot = r_env + w / sqrt(visits), checked against the counts."""
+    args, (states, normalizer) = tr.Args(state_norm=True, intrinsic_coef=0.5, cuda=False), main_command_layout()
+    obs_dim = states.shape[1]
     agents = []
     for compile_ in (False, True):
-        agent = tr.TD3(8, args, torch.device("cpu"), None, seed=0, intrinsic=VisitCountBonus())
+        agent = tr.TD3(obs_dim, args, torch.device("cpu"), normalizer, seed=0, intrinsic=VisitCountBonus())
         if compile_:
             tr.compile_update(agent)
         agents.append(agent)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
-        batch = (torch.randn(256, 8, generator=gen), torch.rand(256, 1, generator=gen) * 2 - 1,
-                 torch.randn(256, generator=gen), torch.zeros(256), torch.randn(256, 8, generator=gen))
+        batch = random_batch(gen, states)
         before = {key: count for key, count in agents[0].intrinsic.counts.items()}
         m_eager, m_compiled = (agent.update(batch) for agent in agents)
-        keys = [round(2 * float(x)) / 2 for x in batch[4][:, 0]]
+        keys = [round(4 * float(a)) / 4 for a in batch[1][:, 0]]
         visits = [before.get(key, 0) + keys.count(key) for key in keys]  # the counts after this batch
         expected = batch[2] + 0.5 * torch.tensor([v ** -0.5 for v in visits])
         assert torch.allclose(m_eager["rewards"], expected) and torch.allclose(m_compiled["rewards"], expected)
         assert torch.allclose(m_eager["qf_losses"], m_compiled["qf_losses"], rtol=1e-4)
-    assert agents[0].intrinsic.counts == agents[1].intrinsic.counts and sum(agents[1].intrinsic.counts.values()) == 768
+    assert agents[0].intrinsic.counts == agents[1].intrinsic.counts
+    assert sum(agents[1].intrinsic.counts.values()) == 3 * 256
     for p, q in zip(agents[0].qf.parameters(), agents[1].qf.parameters()):
         assert torch.allclose(p, q, atol=1e-5)
 
@@ -779,8 +797,8 @@ def test_sa_rnd_bonus_varies_with_the_action_rnd_does_not():
     for kind, depends in (("rnd", False), ("sa-rnd", True)):
         rnd = tr.RND(kind, 8, seed=0)
         rnd(obs, torch.rand(64, 1, generator=torch.Generator().manual_seed(0)) * 2 - 1, next_obs)  # varied actions
-        bonus_low, _ = copy.deepcopy(rnd)(obs, low, next_obs)  # the same RND, scoring the same states
-        bonus_high, _ = copy.deepcopy(rnd)(obs, high, next_obs)  # with another action
+        bonus_low = copy.deepcopy(rnd)(obs, low, next_obs)  # the same RND, scoring the same states
+        bonus_high = copy.deepcopy(rnd)(obs, high, next_obs)  # with another action
         assert (not torch.equal(bonus_low, bonus_high)) == depends
 
 
