@@ -720,26 +720,32 @@ def random_batch(gen, states):
     return rows(), actions, torch.randn(256, generator=gen), torch.zeros(256), rows()
 
 
+def eager_and_compiled_agents(args, make_intrinsic):
+    """Two agents at the main command's layout, same seed and weights: eager, and with the default compiled
+    update; make_intrinsic(obs_dim) gives each its own reward hook. Returns (states, eager, compiled)."""
+    states, normalizer = main_command_layout()
+    agents = []
+    for compile_ in (False, True):
+        agent = tr.TD3(states.shape[1], tr.dataclasses.replace(args, compile=compile_), torch.device("cpu"),
+                       normalizer, seed=0, intrinsic=make_intrinsic(states.shape[1]))
+        if compile_:
+            tr.compile_update(agent)
+        agents.append(agent)
+    return states, *agents
+
+
 @pytest.mark.xdist_group("compiled_trading")
 def test_compiled_update_matches_eager_update():
     """The one compiled-vs-eager parity test: the intrinsic agent's update (critic, actor, RND predictor) at
     the main command's layout, which the other compiled tests reuse."""
-    args, (states, normalizer) = tr.Args(state_norm=True, intrinsic_kind="rnd", cuda=False), main_command_layout()
-    obs_dim = states.shape[1]
-    agents = []
-    for compile_ in (False, True):
-        agent = tr.TD3(obs_dim, tr.dataclasses.replace(args, compile=compile_), torch.device("cpu"), normalizer,
-                       seed=0, intrinsic=tr.RND("rnd", obs_dim, seed=0))
-        if compile_:
-            tr.compile_update(agent)
-        agents.append(agent)
+    states, eager, compiled = eager_and_compiled_agents(tr.Args(state_norm=True, intrinsic_kind="rnd", cuda=False),
+                                                        lambda obs_dim: tr.RND("rnd", obs_dim, seed=0))
     gen = torch.Generator().manual_seed(0)
     for _ in range(4):
         batch = random_batch(gen, states)
-        m_eager, m_compiled = (agent.update(batch) for agent in agents)
+        m_eager, m_compiled = eager.update(batch), compiled.update(batch)
         assert torch.allclose(m_eager["qf_losses"], m_compiled["qf_losses"], rtol=1e-4)
         assert torch.allclose(m_eager["rewards"], m_compiled["rewards"], rtol=1e-4, atol=1e-6)  # r_tot: RND inside
-    eager, compiled = agents
     for name in ("actor", "qf", "actor_target", "qf_target"):
         for p, q in zip(getattr(eager, name).parameters(), getattr(compiled, name).parameters()):
             assert torch.allclose(p, q, atol=1e-5), name
@@ -767,27 +773,21 @@ class VisitCountBonus(torch.nn.Module):
 def test_an_intrinsic_reward_in_ordinary_python_runs_compiled():
     """The RND fork place takes plain Python: with the default (compiled) update the agent trains exactly as
     the eager agent does; r_tot = r_env + w / sqrt(visits), checked against the counts."""
-    args, (states, normalizer) = tr.Args(state_norm=True, intrinsic_coef=0.5, cuda=False), main_command_layout()
-    obs_dim = states.shape[1]
-    agents = []
-    for compile_ in (False, True):
-        agent = tr.TD3(obs_dim, args, torch.device("cpu"), normalizer, seed=0, intrinsic=VisitCountBonus())
-        if compile_:
-            tr.compile_update(agent)
-        agents.append(agent)
+    states, eager, compiled = eager_and_compiled_agents(tr.Args(state_norm=True, intrinsic_coef=0.5, cuda=False),
+                                                        lambda obs_dim: VisitCountBonus())
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         batch = random_batch(gen, states)
-        before = {key: count for key, count in agents[0].intrinsic.counts.items()}
-        m_eager, m_compiled = (agent.update(batch) for agent in agents)
+        before = dict(eager.intrinsic.counts)
+        m_eager, m_compiled = eager.update(batch), compiled.update(batch)
         keys = [round(4 * float(a)) / 4 for a in batch[1][:, 0]]
         visits = [before.get(key, 0) + keys.count(key) for key in keys]  # the counts after this batch
         expected = batch[2] + 0.5 * torch.tensor([v ** -0.5 for v in visits])
         assert torch.allclose(m_eager["rewards"], expected) and torch.allclose(m_compiled["rewards"], expected)
         assert torch.allclose(m_eager["qf_losses"], m_compiled["qf_losses"], rtol=1e-4)
-    assert agents[0].intrinsic.counts == agents[1].intrinsic.counts
-    assert sum(agents[1].intrinsic.counts.values()) == 3 * 256
-    for p, q in zip(agents[0].qf.parameters(), agents[1].qf.parameters()):
+    assert eager.intrinsic.counts == compiled.intrinsic.counts
+    assert sum(compiled.intrinsic.counts.values()) == 3 * 256
+    for p, q in zip(eager.qf.parameters(), compiled.qf.parameters()):
         assert torch.allclose(p, q, atol=1e-5)
 
 
