@@ -63,7 +63,8 @@ def test_a_changed_copy_is_caught(tmp_path, monkeypatch):
     """The comparison has teeth: one changed character in one copy fails it."""
     with open(os.path.join(ROOT, "td3_continuous.py")) as f:
         text = f.read()
-    changed = text.replace("torch._foreach_lerp_(targets, sources, tau)", "torch._foreach_lerp_(targets, sources, 2 * tau)")
+    changed = text.replace("torch._foreach_lerp_(targets, sources, tau)",
+                           "torch._foreach_lerp_(targets, sources, 2 * tau)")
     assert changed != text
     (tmp_path / "td3_continuous.py").write_text(changed)
     monkeypatch.setattr(__import__(__name__), "ROOT", str(tmp_path))

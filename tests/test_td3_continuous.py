@@ -417,7 +417,8 @@ def test_same_seed_gives_identical_numbers(tmp_path):
 def test_eval_only_reproduces_the_final_evaluation(tmp_path):
     summary = td3.main(small_args(tmp_path, save_model=True, state_norm=True))
     model = os.path.join(summary["run_dir"], "model.pt")
-    again = td3.main(td3.Args(eval_only=True, checkpoint=model, eval_episodes=2, seed=1, runs_dir=str(tmp_path), cuda=False))
+    again = td3.main(td3.Args(eval_only=True, checkpoint=model, eval_episodes=2, seed=1, runs_dir=str(tmp_path),
+                              cuda=False))
     # same seed + 100 eval env, same frozen normalizer and actor: the very same episodes
     assert again["eval_return_mean"] == summary["eval_return_last"]
     assert read_json(os.path.join(again["run_dir"], "summary.json")) == again
@@ -430,10 +431,16 @@ def test_eval_only_reproduces_the_final_evaluation(tmp_path):
     assert read_json(os.path.join(summary["run_dir"], "summary.json")) == summary
 
 
-def test_resume_after_interruption_counts_every_step_once(tmp_path):
-    argv = ["--env-id", "Pendulum-v1", "--total-timesteps", "1000", "--learning-starts", "200",
+def interrupted_run_argv(tmp_path):
+    """A short eager Pendulum run with a checkpoint every 250 steps, to be stopped and resumed."""
+    return ["--env-id", "Pendulum-v1", "--total-timesteps", "1000", "--learning-starts", "200",
             "--eval-frequency", "250", "--eval-episodes", "1", "--checkpoint-frequency", "250",
-            "--runs-dir", str(tmp_path), "--no-cuda", "--batch-size", "32", "--hidden-sizes", "16", "16", "--no-compile"]
+            "--runs-dir", str(tmp_path), "--no-cuda", "--batch-size", "32", "--hidden-sizes", "16", "16",
+            "--no-compile"]
+
+
+def test_resume_after_interruption_counts_every_step_once(tmp_path):
+    argv = interrupted_run_argv(tmp_path)
     proc = subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = wait_for_file(tmp_path, "checkpoint.pt", proc)
     time.sleep(1.0)
@@ -497,7 +504,8 @@ def test_diverging_run_is_one_error_line_a_status_and_the_last_finite_checkpoint
 def test_divergence_advice_names_only_what_the_run_can_change(tmp_path):
     agent = make_agent(state_norm=True)
     rb = td3.ReplayBuffer(10, 3, 1, torch.device("cpu"))
-    rb.add(np.full((4, 3), 500.0), np.zeros((4, 3)), np.zeros((4, 1)), np.array([1.0, -250.0, 3.0, np.nan]), np.zeros(4))
+    rb.add(np.full((4, 3), 500.0), np.zeros((4, 3)), np.zeros((4, 1)), np.array([1.0, -250.0, 3.0, np.nan]),
+           np.zeros(4))
     run = td3.RunFolder(small_args(tmp_path, state_norm=True), None)
     run.last_losses = {"qf1_loss": math.inf}
     with pytest.raises(td3.Diverged) as err:
@@ -523,9 +531,7 @@ def test_atomic_json_leaves_nothing_behind_on_error(tmp_path):
 
 
 def test_sigint_stops_at_a_step_boundary_and_resume_counts_every_step_once(tmp_path):
-    argv = ["--env-id", "Pendulum-v1", "--total-timesteps", "1000", "--learning-starts", "200",
-            "--eval-frequency", "250", "--eval-episodes", "1", "--checkpoint-frequency", "250",
-            "--runs-dir", str(tmp_path), "--no-cuda", "--batch-size", "32", "--hidden-sizes", "16", "16", "--no-compile"]
+    argv = interrupted_run_argv(tmp_path)
     proc = subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = wait_for_file(tmp_path, "checkpoint.pt", proc)  # step 250: training is under way
     proc.send_signal(signal.SIGINT)
@@ -660,10 +666,10 @@ def test_pendulum_learns(tmp_path):
     one-seed test read -158.9 on one build and -400.7 on another against a bar of -250). Here three
     seeds of 5 episodes are averaged and the bar sits between learning and not learning. Measured
     (64-wide, lr 1e-3, compiled, one thread): -514, -268, -272 (mean -351; docs/tests.md); a run that
-    does not learn scores -1200 to -1800, and one seed failing outright (-1500) leaves the mean at -680. Broken on purpose, the same test
-    fails (the actor loss's sign flipped, below). It cannot catch a missing clipped min or missing
-    target smoothing: those tricks fight overestimation on harder tasks, and plain DDPG learns
-    Pendulum too; the MuJoCo runs in docs/mujoco.md are their evidence.
+    does not learn scores -1200 to -1800, and one seed failing outright (-1500) leaves the mean at -680.
+    Broken on purpose, the same test fails (the actor loss's sign flipped, below). It cannot catch a
+    missing clipped min or missing target smoothing: those tricks fight overestimation on harder tasks,
+    and plain DDPG learns Pendulum too; the MuJoCo runs in docs/mujoco.md are their evidence.
     """
     assert pendulum_learning_score(tmp_path) >= PENDULUM_BAR
 

@@ -84,7 +84,8 @@ def test_exact_values_against_independent_methods():
     # and E|x_small| given u ~ 0 is the folded-normal mean sqrt(2/pi) * r / sqrt(1 + r^2)
     sigma = math.sqrt(1 + 100.0**2)
     assert ex100["kappa_mean"] == pytest.approx(2 / (math.sqrt(2 * math.pi) * sigma), rel=2e-3)
-    assert ex100["transport"] == pytest.approx(2 / (math.sqrt(2 * math.pi) * sigma) * math.sqrt(2 / math.pi) * 100 / sigma, rel=2e-3)
+    expected = 2 / (math.sqrt(2 * math.pi) * sigma) * math.sqrt(2 / math.pi) * 100 / sigma
+    assert ex100["transport"] == pytest.approx(expected, rel=2e-3)
     # saturation is closed form: P(|u| >= atanh(0.99)) = 2 Phi(-atanh(0.99) / sigma)
     phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
     assert ex1["saturation_rate"] == pytest.approx(2 * phi(-math.atanh(0.99) / math.sqrt(2)), rel=1e-9)
