@@ -128,6 +128,8 @@ class Args:
     """rnd: novelty of s' (action-independent but for position/equity); sa-rnd: novelty of (s, a)"""
     intrinsic_coef: float = 0.5
     """w in r_tot = r_env + w * r_int"""
+    rnd_hidden: int = 64
+    """width of the two hidden layers of RND's target and predictor (at 16 the predictor fits the target everywhere)"""
     paired: bool = True
     """also train a baseline (w = 0) on identical seeds, the audit's counterfactual"""
 
@@ -748,8 +750,8 @@ def main(args: Args) -> dict:
     with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: end the step, write summary.json, exit 130 / 143
         try:
             for name in agent_names(args):  # the baseline (w = 0) and the intrinsic agent, on identical seeds
-                intrinsic = RND(args.intrinsic_kind, len(data.names), args.seed).to(device) if name == "intrinsic" \
-                    else None
+                intrinsic = RND(args.intrinsic_kind, len(data.names), args.seed, args.rnd_hidden).to(device) \
+                    if name == "intrinsic" else None
                 trained[name] = train_agent(name, args, data, normalizer, device, run_dir, stop, intrinsic)
                 if stop.signum is not None:
                     return end_early(args, run_dir, trained, signum=stop.signum)
@@ -1649,7 +1651,7 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
 def check_args(args: Args) -> None:
     """Reject values that would crash later or silently do something else."""
     for name in ("total_timesteps", "buffer_size", "batch_size", "policy_frequency", "eval_frequency", "hidden_size",
-                 "learning_rate", "episode_length", "initial_equity", "periods_per_year", "reward_scale"):
+                 "learning_rate", "episode_length", "initial_equity", "periods_per_year", "reward_scale", "rnd_hidden"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("learning_starts", "threads", "policy_noise", "exploration_noise", "noise_clip",

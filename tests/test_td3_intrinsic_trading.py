@@ -281,6 +281,8 @@ def test_bad_csv_from_the_command_line_is_one_line_exit_2(tmp_path, capsys):
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: cannot read --data-csv")
     code, err = run_cli(capsys, "--train-frac", "0.9", "--val-frac", "0.2", "--runs-dir", str(tmp_path / "runs"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: --train-frac (0.9)")
+    code, err = run_cli(capsys, "--rnd-hidden", "0", "--runs-dir", str(tmp_path / "runs"))
+    assert (code, err) == (2, "error: --rnd-hidden must be > 0, got 0\n")
     assert not (tmp_path / "runs").exists()
 
 
@@ -300,7 +302,8 @@ def iso_rows(n):
 OHLCV = ["Date", "Open", "High", "Low", "Close", "Volume"]
 
 
-@pytest.mark.parametrize("delimiter, encoding", [(",", "utf-8-sig"), (";", "utf-8"), ("\t", "utf-8"), (";", "utf-8-sig")])
+@pytest.mark.parametrize("delimiter, encoding",
+                         [(",", "utf-8-sig"), (";", "utf-8"), ("\t", "utf-8"), (";", "utf-8-sig")])
 def test_csv_with_a_bom_or_another_delimiter_reads_the_same(tmp_path, delimiter, encoding):
     path = write_rows(tmp_path / "d.csv", OHLCV, iso_rows(250), delimiter, encoding)
     if encoding == "utf-8-sig":
@@ -341,7 +344,8 @@ def test_repeated_timestamps_are_an_error_naming_the_rows_unless_accepted(tmp_pa
     rows = iso_rows(250)
     rows.insert(8, list(rows[7]))  # file rows 9 and 10 hold the same date
     path = write_rows(tmp_path / "dup.csv", OHLCV, rows)
-    with pytest.raises(tr.UserError, match=r"^row 10: timestamp 2001-01-08T00:00:00 repeats row 9; .*--accept-suspect-rows"):
+    repeated = r"^row 10: timestamp 2001-01-08T00:00:00 repeats row 9; .*--accept-suspect-rows"
+    with pytest.raises(tr.UserError, match=repeated):
         tr.load_csv(path)
     assert len(tr.load_csv(path, accept_suspect_rows=True).close) == 251
 
@@ -909,7 +913,8 @@ def test_diagnosis_rules_on_crafted_numbers():
     assert "--state-norm" in tr.diagnose(base, 1.0, 1e5, fix=RAW_FIX)["advice"]
     assert "sa-rnd" in tr.diagnose(base, 0.1, 1e5, fix=RAW_FIX)["advice"]  # free actor, frozen policy: redesign r_int
     assert tr.diagnose({**base, "action_equal_ratio": 0.5}, 0.1, 1e5, fix=RAW_FIX)["code"] == "R2"
-    assert tr.diagnose({**base, "action_equal_ratio": 0.5, "eval_value_mae": 40.0}, 0.1, 1e5, fix=RAW_FIX)["code"] == "R3"
+    moved = {**base, "action_equal_ratio": 0.5, "eval_value_mae": 40.0}
+    assert tr.diagnose(moved, 0.1, 1e5, fix=RAW_FIX)["code"] == "R3"
     assert tr.diagnose({**base, "intrinsic_mean_delta": 0.0}, 0.1, 1e5, fix=RAW_FIX)["code"] == "R4"
 
 
@@ -949,16 +954,18 @@ def test_distribution_shift_is_named_only_when_test_fails_and_validation_does_no
         return {"per_dim": [{"name": "close", "clip_ratio": close}, {"name": "equity", "clip_ratio": equity}]}
     def sat(val_near, test_near):
         return {"a": {"val": {"near_bound_ratio": val_near}, "test": {"near_bound_ratio": test_near}}}
-    text = tr.distribution_shift({"a": {"val": split(0.0, 0.016), "test": split(0.18, 0.0)}}, sat(0.0, 0.0), fix=LEVELS_FIX)
+    text = tr.distribution_shift({"a": {"val": split(0.0, 0.016), "test": split(0.18, 0.0)}}, sat(0.0, 0.0),
+                                 fix=LEVELS_FIX)
     assert "'close' is at the clip on 18% of test steps (validation 0%)" in text  # equity's 1.6% hides nothing
     assert "bound on 90%" in tr.distribution_shift({"a": {"val": split(0.0, 0.0), "test": split(0.0, 0.0)}},
                                                    sat(0.1, 0.9), fix=LEVELS_FIX)
-    assert tr.distribution_shift({"a": {"val": split(0.0, 0.0), "test": split(0.005, 0.0)}}, sat(0.1, 0.2), fix=LEVELS_FIX) is None
-    assert tr.distribution_shift({"a": {"val": split(0.1, 0.0), "test": split(0.18, 0.0)}}, sat(0.1, 0.2), fix=LEVELS_FIX) is None
+    for val, test in ((split(0.0, 0.0), split(0.005, 0.0)), (split(0.1, 0.0), split(0.18, 0.0))):
+        assert tr.distribution_shift({"a": {"val": val, "test": test}}, sat(0.1, 0.2), fix=LEVELS_FIX) is None
     raw = {"val": split(None, None), "test": split(None, None)}  # no normalizer: nothing is clipped
     assert tr.distribution_shift({"a": raw}, sat(1.0, 1.0), fix=LEVELS_FIX) is None  # frozen everywhere is not a shift
     paired = dict(action_equal_ratio=0.5, eval_value_mae=40.0, intrinsic_mean_delta=0.3, q1_delta_mean=2.0)
-    assert tr.diagnose(paired, 0.1, 1e5, shift="distribution shift (x)", fix=RAW_FIX)["advice"].startswith("distribution shift")
+    advice = tr.diagnose(paired, 0.1, 1e5, shift="distribution shift (x)", fix=RAW_FIX)["advice"]
+    assert advice.startswith("distribution shift")
 
 
 # --- eval-only: a saved agent on other data --------------------------------------------------------
@@ -987,8 +994,7 @@ def test_eval_only_reproduces_the_test_split_and_reads_another_csv(saved_run, tm
     # the same market written as a CSV, evaluated whole: as many steps as rows after the warm-up
     m = tr.synthetic_market(400, 9)
     path = write_csv(tmp_path / "other.csv", ["Date", "Open", "High", "Low", "Close", "Volume"],
-                     [[str(np.datetime64("2001-01-01") + i), m.close[i], m.close[i], m.close[i], m.close[i], m.volume[i]]
-                      for i in range(400)])
+                     [[str(np.datetime64("2001-01-01") + i), *[m.close[i]] * 4, m.volume[i]] for i in range(400)])
     other = tr.main(tr.Args(eval_only=True, checkpoint=model, data_csv=path, eval_split="all", runs_dir=str(tmp_path),
                             cuda=False))
     assert other["all"]["steps"] == 400 - tr.WARMUP - 1
@@ -1004,7 +1010,8 @@ def test_eval_only_errors_are_one_line(saved_run, tmp_path, capsys):
     torch.save({"actor": {}}, tmp_path / "foreign.pt")
     (tmp_path / "broken.pt").write_bytes(b"not a zip")
     cases = {str(tmp_path / "missing.pt"): "does not exist", str(tmp_path / "foreign.pt"): "not a td3_intrinsic",
-             str(tmp_path / "broken.pt"): "not a readable model.pt", str(tmp_path / "other_layout.pt"): "saved with features"}
+             str(tmp_path / "broken.pt"): "not a readable model.pt",
+             str(tmp_path / "other_layout.pt"): "saved with features"}
     for path, message in cases.items():
         code, err = run_cli(capsys, "--eval-only", "--checkpoint", path, "--runs-dir", str(tmp_path / "runs"))
         assert code == 2, err
