@@ -274,7 +274,7 @@ def run_cli(capsys, *argv):
     return exit_.value.code, capsys.readouterr().err
 
 
-def test_bad_csv_from_the_command_line_is_one_line_exit_2(tmp_path, capsys):
+def test_bad_inputs_from_the_command_line_are_one_line_exit_2(tmp_path, capsys):
     result = subprocess.run([sys.executable, SCRIPT, "--data-csv", str(tmp_path / "missing.csv"), "--runs-dir",
                              str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
