@@ -464,7 +464,7 @@ class RND(nn.Module):
     ranks actions. Inputs normalized by their running stats, clipped to +-5; r_int = error / running std.
     """
 
-    def __init__(self, kind: str, obs_dim: int, seed: int, hidden: int = 64, out: int = 32, lr: float = 1e-4):
+    def __init__(self, kind: str, obs_dim: int, seed: int, hidden: int, out: int = 32, lr: float = 1e-4):
         super().__init__()
         in_dim = obs_dim if kind == "rnd" else obs_dim + 1
         mlp = lambda: nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),  # noqa

@@ -688,7 +688,7 @@ def test_run_folder_files_and_schemas(freeze_runs):
 # --- intrinsic rewards and the paired audit ------------------------------------------------------
 def test_rnd_error_falls_on_repeated_inputs_and_stays_higher_on_new_ones():
     torch.manual_seed(0)
-    rnd = tr.RND("rnd", 8, seed=0, lr=1e-3)
+    rnd = tr.RND("rnd", 8, seed=0, hidden=tr.Args.rnd_hidden, lr=1e-3)
     seen = torch.randn(256, 8) * 3 + 1
     before = rnd.prediction_error(seen).mean().item()
     for _ in range(600):
@@ -742,8 +742,8 @@ def eager_and_compiled_agents(args, make_intrinsic):
 def test_compiled_update_matches_eager_update():
     """The one compiled-vs-eager parity test: the intrinsic agent's update (critic, actor, RND predictor) at
     the main command's layout, which the other compiled tests reuse."""
-    states, eager, compiled = eager_and_compiled_agents(tr.Args(state_norm=True, intrinsic_kind="rnd", cuda=False),
-                                                        lambda obs_dim: tr.RND("rnd", obs_dim, seed=0))
+    args = tr.Args(state_norm=True, intrinsic_kind="rnd", cuda=False)
+    states, eager, compiled = eager_and_compiled_agents(args, lambda dim: tr.RND("rnd", dim, 0, args.rnd_hidden))
     gen = torch.Generator().manual_seed(0)
     for _ in range(4):
         batch = random_batch(gen, states)
@@ -799,7 +799,7 @@ def test_sa_rnd_bonus_varies_with_the_action_rnd_does_not():
     obs, next_obs = torch.randn(64, 8), torch.randn(64, 8)
     low, high = torch.full((64, 1), -0.8), torch.full((64, 1), 0.8)
     for kind, depends in (("rnd", False), ("sa-rnd", True)):
-        rnd = tr.RND(kind, 8, seed=0)
+        rnd = tr.RND(kind, 8, seed=0, hidden=tr.Args.rnd_hidden)
         rnd(obs, torch.rand(64, 1, generator=torch.Generator().manual_seed(0)) * 2 - 1, next_obs)  # varied actions
         bonus_low = copy.deepcopy(rnd)(obs, low, next_obs)  # the same RND, scoring the same states
         bonus_high = copy.deepcopy(rnd)(obs, high, next_obs)  # with another action
