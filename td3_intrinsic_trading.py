@@ -583,6 +583,7 @@ class TD3:
 
     def critic_gradients(self, obs, actions, rewards, terminations, next_obs, noise):
         """Gradient of the critic loss: both critics regress on the clipped double-Q target."""
+        obs, next_obs = self.norm(obs), self.norm(next_obs)  # inside the compiled graph: no eager calls
         with torch.no_grad():
             y = td3_target(self.actor_target, self.qf_target, next_obs, rewards, terminations, noise,
                            self.args.gamma, self.action_low, self.action_high)
@@ -601,7 +602,7 @@ class TD3:
         return -self.qf.q1(obs, actions).mean() + self.penalty * u.square().mean()
 
     def actor_gradients(self, obs):
-        return torch.func.grad_and_value(self.actor_loss)(dict(self.actor.named_parameters()), obs)
+        return torch.func.grad_and_value(self.actor_loss)(dict(self.actor.named_parameters()), self.norm(obs))
 
     def update(self, batch) -> dict:
         """One critic step (+ actor and targets every policy_frequency-th call), on raw observations."""
@@ -610,7 +611,6 @@ class TD3:
             bonus = self.intrinsic_coef * self.intrinsic(obs, actions, next_obs)
             rewards = rewards + bonus
             self.intrinsic_delta += bonus.mean()
-        obs, next_obs = self.norm(obs), self.norm(next_obs)
         noise = smoothing_noise(actions, self.args.policy_noise, self.args.noise_clip, self.actor.action_scale,
                                 self.generator)
         grads, metrics = self.critic_gradients(obs, actions, rewards, terminations, next_obs, noise)
@@ -1690,10 +1690,13 @@ def require_cxx_compiler(device: torch.device) -> None:
 def compile_update(agent: TD3) -> None:
     """--compile: each gradient one graph of C++ kernels (the RND predictor's too); graphs are shared by
     the agents of a run. Code dynamo cannot trace runs eagerly (a graph break: slower, still right)."""
-    agent.critic_gradients = torch.compile(agent.critic_gradients)
-    agent.actor_gradients = torch.compile(agent.actor_gradients)
+    # cpp_wrapper: the code that calls a graph's kernels is C++ too, not Python: at 32 wide an update is
+    # mostly per-call overhead, and this cuts it (docs/speed.md)
+    options = {"cpp_wrapper": True}
+    agent.critic_gradients = torch.compile(agent.critic_gradients, options=options)
+    agent.actor_gradients = torch.compile(agent.actor_gradients, options=options)
     if isinstance(agent.intrinsic, RND):
-        agent.intrinsic.predictor_gradients = torch.compile(agent.intrinsic.predictor_gradients)
+        agent.intrinsic.predictor_gradients = torch.compile(agent.intrinsic.predictor_gradients, options=options)
 
 
 class StopOnSignal:
