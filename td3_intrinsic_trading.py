@@ -569,12 +569,12 @@ class TD3:
     def norm(self, obs: torch.Tensor) -> torch.Tensor:
         return obs if self.normalizer is None else self.normalizer(obs)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def raw_action(self, obs: np.ndarray) -> np.ndarray:
         """The actor's output before any noise or clipping (what the audit inspects)."""
         return self.actor(self.norm(torch.as_tensor(obs, dtype=torch.float32, device=self.device))).cpu().numpy()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def explore(self, obs: np.ndarray) -> np.ndarray:
         """pi(s) + N(0, exploration_noise), clipped to [-1, 1]."""
         a = self.actor(self.norm(torch.as_tensor(obs[None], dtype=torch.float32, device=self.device)))
