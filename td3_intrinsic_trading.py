@@ -217,8 +217,8 @@ def market_features(close: np.ndarray, volume: np.ndarray, stationary: bool = Fa
 
 
 def split_bounds(n: int, train_frac: float, val_frac: float) -> dict:
-    """Chronological [start, end) index ranges, never shuffled; training starts after the warm-up."""
-    train_end, val_end = int(n * train_frac), int(n * (train_frac + val_frac))
+    """Chronological [start, end) index ranges, never shuffled; none starts before the warm-up ends."""
+    train_end, val_end = max(int(n * train_frac), WARMUP), max(int(n * (train_frac + val_frac)), WARMUP)
     return {"train": (WARMUP, train_end), "val": (train_end, val_end), "test": (val_end, n), "all": (WARMUP, n)}
 
 
@@ -1007,10 +1007,13 @@ def prepare_data(args: Args, market: Market, source: str) -> MarketData:
 
 
 def check_split_lengths(data: MarketData, args: Args) -> None:
+    need = 2 * max(args.episode_length // 4, 10)  # half a training episode
     for split in ("train", "val", "test"):
         lo, hi = data.splits[split]
-        if hi - lo < 2 * max(args.episode_length // 4, 10):
-            raise UserError(f"the {split} split has {hi - lo} steps; use more data or change --train-frac/--val-frac")
+        if hi - lo < need:
+            raise UserError(f"the {split} split has {hi - lo} steps, under the {need} of half an episode "
+                            f"(--episode-length {args.episode_length}): use more data, a shorter --episode-length "
+                            "or other --train-frac/--val-frac")
 
 
 def trading_env(data: MarketData, split: str, args: Args, training: bool) -> TradingEnv:
@@ -1286,7 +1289,10 @@ def print_table(eval_json: dict, saturation: dict, agents: str, verdicts: Option
 
 def make_run_dir(args: Args, source: str, suffix: str) -> str:
     run_dir = os.path.join(args.runs_dir, f"{source}__{args.exp_name}{suffix}__{args.seed}__{int(time.time())}")
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot make the run folder under --runs-dir '{args.runs_dir}': {err}") from None
     return run_dir
 
 
@@ -1367,10 +1373,18 @@ def read_csv_rows(path: str) -> tuple[list[list[str]], str]:
     return list(csv.reader(io.StringIO(text), delimiter=delimiter)), delimiter
 
 
+def date_then_time(fmt: str):
+    """A parser: fmt's date, then optionally an ISO time after a space (a Date and a Time column, joined)."""
+    def parse(text: str) -> datetime:
+        day, _, clock = text.partition(" ")
+        return datetime.fromisoformat(f"{datetime.strptime(day, fmt).date()}T{clock or '00:00'}")
+    return parse
+
+
 DATE_FORMATS = {"ISO (2024-01-31 or 2024-01-31T09:30)": datetime.fromisoformat,
-                "DD.MM.YYYY HH:MM:SS.000": lambda s: datetime.strptime(s, "%d.%m.%Y %H:%M:%S.%f"),
-                "MM/DD/YYYY": lambda s: datetime.strptime(s, "%m/%d/%Y"),
-                "DD/MM/YYYY": lambda s: datetime.strptime(s, "%d/%m/%Y")}
+                "DD.MM.YYYY HH:MM:SS.000 [GMT+0100]": lambda s: datetime.strptime(
+                    s, "%d.%m.%Y %H:%M:%S.%f" + (" GMT%z" if "GMT" in s else "")),  # Dukascopy's Gmt/Local Time
+                "MM/DD/YYYY [HH:MM]": date_then_time("%m/%d/%Y"), "DD/MM/YYYY [HH:MM]": date_then_time("%d/%m/%Y")}
 
 
 def parse_dates(texts: list[str], row_nos: list[int]) -> list:
@@ -1456,10 +1470,11 @@ def suspect_rows(dates: list, row_nos: list[int], close: np.ndarray, adjusted: b
 def bars_per_year(dates: list) -> tuple[int, str]:
     """periods_per_year from the timestamps. A median gap of 5 days or more: bars per year of the file's span
     (weekly 52, twice a month 24, monthly 12).
-    Else days a year with bars: 260.9 weekdays x the share of the file's weekdays with a full day of bars (at
+    Else days a year with bars: 260.9 weekdays x the share of the weekdays with a full day of bars (at
     least half the median bars a day: FX's Sunday-evening bars are not a day) + 104.4 weekend days x their
-    share, snapped to 252 (exchange days), 260 (weekdays) or 365 (every day) when within 2%; times the median
-    bars a day. Daily stocks: 252; hourly FX (24 x 5): 6240; an exchange's hourly bars: 7 x 252; crypto: 8760."""
+    share, both over the weeks that have bars, snapped to 252 (exchange days), 260 (weekdays) or 365 (every
+    day) when within 2%; times the median bars a day. Daily stocks: 252; hourly FX (24 x 5): 6240; an
+    exchange's hourly bars: 7 x 252; crypto: 8760."""
     elapsed = np.array([(d - dates[0]).total_seconds() / 86400 for d in dates])
     gap = float(np.median(np.diff(elapsed)))
     if gap >= 5:
@@ -1468,8 +1483,10 @@ def bars_per_year(dates: list) -> tuple[int, str]:
     day, count = np.unique(np.array(day_of, dtype="datetime64[D]"), return_counts=True)
     per_day = int(np.median(count))
     full = day[count >= per_day / 2]
+    week = lambda d: (d.astype(np.int64) + 3) // 7  # noqa: E731  (from Monday: 1970-01-01 was a Thursday)
+    weekend = lambda d: (d.astype(np.int64) + 3) % 7 >= 5  # noqa: E731
     span = np.arange(day[0], day[-1] + 1)
-    weekend = lambda d: (d.astype(np.int64) + 3) % 7 >= 5  # noqa: E731  (1970-01-01 was a Thursday)
+    span = span[np.isin(week(span), week(day))]  # a week without a bar (an outage, a gap in the file) is no sample
     share = [np.isin(span[weekend(span) == w], full).mean() if (weekend(span) == w).any() else 0.0 for w in (0, 1)]
     days = 365.25 * 5 / 7 * share[0] + 365.25 * 2 / 7 * share[1]
     calendar = min((252, 260, 365), key=lambda c: abs(c - days))
@@ -1501,17 +1518,23 @@ def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
                             f"read as '{delimiter}'-separated)")
     date_columns = [header.index("date"), header.index("time")] if {"date", "time"} <= set(header) \
         else [col["date"]]  # Date and Time in two columns (intraday exports): one timestamp
+    marks = {mark for row in rows[1:] for name, i in col.items() if name != "date" and i < len(row) for mark in ",."
+             if mark in row[i]}
+    if len(marks) > 1:  # 1,234.5 or 1.234,5: which mark is the decimal point is a guess; refuse to guess
+        raise UserError(f"--data-csv '{path}': its numbers hold both ',' and '.' (thousands separators?): "
+                        "export them without digit grouping")
+    decimal_comma = marks == {","} and delimiter != ","  # 101,5 in a semicolon or tab file (European locales)
     records, skipped = [], []
     for row_no, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
-        if len(row) < len(header):
-            raise UserError(f"row {row_no}: {len(row)} fields, the header has {len(header)}")
+        if len(row) < len(header) or any(cell.strip() for cell in row[len(header):]):
+            raise UserError(f"row {row_no}: {len(row)} fields, the header has {len(header)}"
+                            + (" (decimal commas in a comma-separated file?)" if len(row) > len(header) else ""))
         cells = {name: row[i].strip() for name, i in col.items() if name != "date"}
         if any(cell.lower() in MISSING_VALUES for cell in cells.values()):
             skipped.append(row_no)
             continue
-        decimal_comma = delimiter != ","  # 101,5 in a semicolon or tab file (European locales)
         values = {name: parse_number(cell, name, row_no, decimal_comma) for name, cell in cells.items()}
         records.append((" ".join(row[i].strip() for i in date_columns), row_no, values))
     if skipped:
@@ -1604,6 +1627,8 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     fields = {f.name for f in dataclasses.fields(Args)}
     run_args, settings = eval_settings(args, Args(**{k: v for k, v in model["args"].items() if k in fields}))
     data = prepare_data(run_args, *load_market(run_args))
+    if run_args.periods_per_year and settings["periods_per_year"]["from"] == "checkpoint":
+        data.frequency = "--periods-per-year of the training run"
     if model["feature_names"] != data.names:
         raise UserError(f"--checkpoint '{args.checkpoint}' was saved with features {model['feature_names']}, "
                         f"its settings build {data.names}: retrain with --save-model")
@@ -1632,7 +1657,8 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
         "agents": {name: {args.eval_split: sat[args.eval_split]} for name, sat in result["saturation"].items()},
         "paired": paired})
     write_json_atomic(os.path.join(run_dir, "shift_audit.json"), {"split": args.eval_split, "agents": result["shift"]})
-    summary = {"run_dir": run_dir, "checkpoint": args.checkpoint, "split": args.eval_split, "source": data.source,
+    summary = {"status": "completed", "exit_code": EXIT_CODES["completed"], "run_dir": run_dir,
+               "checkpoint": args.checkpoint, "split": args.eval_split, "source": data.source,
                "settings": settings, "periods_per_year": data.periods_per_year, "frequency": data.frequency,
                "vol_filter_threshold": {"value": data.vol_threshold, "from": threshold},
                args.eval_split: result["eval"], "paired": paired,
@@ -1652,11 +1678,11 @@ def check_args(args: Args) -> None:
     """Reject values that would crash later or silently do something else."""
     for name in ("total_timesteps", "buffer_size", "batch_size", "policy_frequency", "eval_frequency", "hidden_size",
                  "learning_rate", "episode_length", "initial_equity", "periods_per_year", "reward_scale", "rnd_hidden"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:  # written so that NaN fails too
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("learning_starts", "threads", "policy_noise", "exploration_noise", "noise_clip",
                  "cost_bp", "risk_penalty", "intrinsic_coef", "preactivation_penalty"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not (0.0 <= args.gamma < 1.0 and 0.0 < args.tau <= 1.0):
         raise UserError(f"--gamma must be in [0, 1) and --tau in (0, 1], got {args.gamma} and {args.tau}")
@@ -1665,8 +1691,15 @@ def check_args(args: Args) -> None:
                         "positive and sum to less than 1 (the rest is the test split)")
     if args.intrinsic_kind == "none" and not args.paired:
         raise UserError("--no-paired trains only the intrinsic agent, so it needs --intrinsic-kind rnd or sa-rnd")
-    if args.eval_only and not args.checkpoint:
-        raise UserError("--eval-only needs --checkpoint runs/.../model.pt (written by --save-model)")
+    if args.eval_only != bool(args.checkpoint) or args.eval_only and args.save_model:
+        raise UserError("--eval-only needs --checkpoint runs/.../model.pt (written by --save-model); --checkpoint is "
+                        "only read with --eval-only, which writes no model")
+    for name in ("seed", "market_seed"):  # numpy's seeds
+        if not 0 <= getattr(args, name) < 2 ** 32:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 2**32), got {getattr(args, name)}")
+    if not args.eval_only and args.learning_starts >= args.total_timesteps:
+        raise UserError(f"--learning-starts ({args.learning_starts}) must be below --total-timesteps "
+                        f"({args.total_timesteps}): else no update runs and an untrained agent is reported")
     if args.data_csv is None and args.market_steps < MIN_ROWS:
         raise UserError(f"--market-steps must be >= {MIN_ROWS}, got {args.market_steps}")
 

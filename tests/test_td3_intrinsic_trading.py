@@ -283,7 +283,21 @@ def test_bad_inputs_from_the_command_line_are_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: --train-frac (0.9)")
     code, err = run_cli(capsys, "--rnd-hidden", "0", "--runs-dir", str(tmp_path / "runs"))
     assert (code, err) == (2, "error: --rnd-hidden must be > 0, got 0\n")
+    for argv, message in [(["--learning-rate", "nan"], "error: --learning-rate must be > 0, got nan\n"),
+                          (["--exploration-noise", "nan"], "error: --exploration-noise must be >= 0, got nan\n"),
+                          (["--seed", "-1"], "error: --seed must be in [0, 2**32), got -1\n"),
+                          (["--total-timesteps", "1500"], "error: --learning-starts (5000) must be below "
+                                                          "--total-timesteps (1500): else no update runs"),
+                          (["--checkpoint", "m.pt"], "error: --eval-only needs --checkpoint"),
+                          (["--eval-only", "--checkpoint", "m.pt", "--save-model"], "which writes no model\n")]:
+        code, err = run_cli(capsys, *argv, "--runs-dir", str(tmp_path / "runs"))
+        assert code == 2 and err.count("\n") == 1 and (err == message or err.startswith(message)
+                                                        or err.endswith(message)), (argv, err)
     assert not (tmp_path / "runs").exists()
+    (tmp_path / "a_file").write_text("")
+    code, err = run_cli(capsys, "--total-timesteps", "300", "--learning-starts", "100", "--market-steps", "600",
+                        "--episode-length", "64", "--no-compile", "--runs-dir", str(tmp_path / "a_file"))
+    assert code == 2 and err.startswith(f"error: cannot make the run folder under --runs-dir '{tmp_path / 'a_file'}'")
 
 
 def write_rows(path, header, rows, delimiter=",", encoding="utf-8"):
@@ -321,6 +335,20 @@ def test_semicolon_csv_with_decimal_commas(tmp_path):
     rows[5][4], rows[5][2] = "100,5", "abc"  # High is not used, so not read
     m = tr.load_csv(write_rows(tmp_path / "eu.csv", OHLCV, rows, ";"))
     assert m.close[5] == pytest.approx(100.5) and m.close[7] == pytest.approx(100.7) and m.volume[5] == 1005
+
+
+def test_decimal_commas_in_a_comma_file_and_digit_grouping_are_errors_not_misreadings(tmp_path):
+    rows = [[*r[:4], str(r[4]).replace(".", ","), r[5]] for r in iso_rows(250)]  # Close 100,0 splits in two fields
+    with pytest.raises(tr.UserError, match=r"^row 2: 7 fields, the header has 6 \(decimal commas in a comma-separated"):
+        tr.load_csv(write_rows(tmp_path / "c.csv", OHLCV, rows))
+    m = tr.load_csv(write_rows(tmp_path / "t.csv", OHLCV, [[*r, ""] for r in iso_rows(250)]))  # a trailing delimiter
+    assert m.close[1] == pytest.approx(100.1) and m.volume[1] == 1001
+    grouped = [[*r[:5], f"1,{r[5] % 1000:03d}"] for r in iso_rows(250)]  # a volume of 1,001 beside a close of 100.1
+    with pytest.raises(tr.UserError, match="hold both ',' and '.' \\(thousands separators\\?\\)"):
+        tr.load_csv(write_rows(tmp_path / "g.csv", OHLCV, grouped, "\t"))
+    eu = [[*r[:4], str(r[4]).replace(".", ","), f"1.{r[5] % 1000:03d}"] for r in iso_rows(250)]  # 100,1 and 1.001
+    with pytest.raises(tr.UserError, match="hold both ',' and '.'"):
+        tr.load_csv(write_rows(tmp_path / "e.csv", OHLCV, eu, ";"))
 
 
 def test_null_and_empty_rows_are_skipped_with_one_counted_warning(tmp_path, capsys):
@@ -437,6 +465,8 @@ def daily_rows(keep, years=2):
     (lambda: hourly_rows(3, weekend=True), 24 * 365),  # crypto: every hour of every day
     (lambda: [[str(np.datetime64("2001-01-01") + i), 100 + i % 7, 1000] for i in range(400)], 365),  # daily, 7/7
     (lambda: daily_rows(lambda d: d.weekday() < 5), 260),  # weekdays
+    (lambda: daily_rows(lambda d: d.weekday() < 5 and d.year != 2002, years=4), 260),  # a year missing in the file
+    (lambda: daily_rows(lambda d: not (d.year == 2001 and 3 <= d.month <= 5)), 365),  # crypto, a 3-month outage
     (lambda: daily_rows(lambda d: d.weekday() < 5 and d.toordinal() % 29), 252),  # 9 holidays a year: stocks
     (lambda: daily_rows(lambda d: d.weekday() != 5), 313),  # six days a week: 260.9 + 52.2
     (lambda: daily_rows(lambda d: d.day in (1, 15), years=9), 24),  # twice a month: median gap 15 days
@@ -454,6 +484,12 @@ def test_periods_per_year_from_the_timestamps_sets_sharpe(tmp_path, rows, period
     assert tr.prepare_data(tr.Args(periods_per_year=12), m, "f").periods_per_year == 12  # the flag wins
 
 
+def test_no_split_starts_inside_the_warm_up():
+    assert tr.split_bounds(250, 0.05, 0.15) == {"train": (20, 20), "val": (20, 50), "test": (50, 250), "all": (20, 250)}
+    assert tr.split_bounds(1000, 0.7, 0.15) == {"train": (20, 700), "val": (700, 850), "test": (850, 1000),
+                                                "all": (20, 1000)}
+
+
 def test_an_unnamed_first_column_is_the_date(tmp_path):
     """pandas' DataFrame.to_csv writes its date index under an empty header."""
     rows = [[r[0], r[1], r[2]] for r in hourly_rows(3)]
@@ -468,6 +504,11 @@ def test_date_and_time_columns_are_one_timestamp(tmp_path):
     rows = [[*r[0].split(" "), r[1], r[2]] for r in hourly_rows(8, bars_per_day=7)]
     m = tr.load_csv(write_rows(tmp_path / "dt.csv", ["Date", "Time", "Close", "Volume"], rows))
     assert m.dates[:2] == ["2001-01-01T09:00:00", "2001-01-01T10:00:00"] and m.periods_per_year == 7 * 260
+    us = [[f"{d[5:7]}/{d[8:10]}/{d[:4]}", *rest] for d, *rest in rows]  # 01/31/2001 and 09:00 in two columns
+    assert tr.load_csv(write_rows(tmp_path / "us.csv", ["Date", "Time", "Close", "Volume"], us)).dates == m.dates
+    local = [[f"{d[8:10]}.{d[5:7]}.{d[:4]} {t}:00.000 GMT+0100", c, v] for d, t, c, v in rows]  # Dukascopy's
+    m = tr.load_csv(write_rows(tmp_path / "local.csv", ["Local time", "Close", "Volume"], local))
+    assert m.dates[:2] == ["2001-01-01T09:00:00+01:00", "2001-01-01T10:00:00+01:00"]
 
 
 def test_mixed_time_zones_and_ambiguous_slash_dates_are_one_error_line(tmp_path):
@@ -982,6 +1023,7 @@ def test_eval_only_reproduces_the_test_split_and_reads_another_csv(saved_run, tm
     summary, _ = saved_run
     model = os.path.join(summary["run_dir"], "model.pt")
     again = tr.main(tr.Args(eval_only=True, checkpoint=model, runs_dir=str(tmp_path), cuda=False))
+    assert (again["status"], again["exit_code"]) == ("completed", 0)
     assert again["test"]["agents"] == summary["test"]["agents"]  # same agents, normalizer, split: same numbers
     assert again["test"]["vol_filter"] == summary["test"]["vol_filter"]
     assert {"eval_test.json", "eval_equity.png", "action_saturation.png", "td3_action_saturation.json",
