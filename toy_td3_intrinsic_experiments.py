@@ -90,7 +90,10 @@ def action_gap_threshold(m: float, sup_delta: float = SUP_DELTA) -> float:
 
 
 def argmax_flipped(q_env: np.ndarray, delta: np.ndarray, w: float) -> bool:
-    return int(np.argmax(q_env + w * delta)) != int(np.argmax(q_env))
+    """Another action now scores strictly above the old best: a tie (w = lambda*) is no flip, whichever
+    index np.argmax would name first (1e-12: the rounding of q + w * delta)."""
+    q_tot = q_env + w * delta
+    return bool(q_tot.max() > q_tot[int(np.argmax(q_env))] + 1e-12)
 
 
 def phase_map(ws: np.ndarray, ms: np.ndarray, delta: np.ndarray) -> np.ndarray:
@@ -114,7 +117,7 @@ def experiment_action_gap(args: Args, rng: np.random.Generator) -> dict:
         d = rng.uniform(-1.0, 1.0, N_ACTIONS)
         d = (d - d.min()) / (d.max() - d.min()) * SUP_DELTA - SUP_DELTA / 2
         for m in ms[::4]:
-            below = ws[ws < action_gap_threshold(m) - 1e-12]  # strictly below: w = lambda* is a tie
+            below = ws[ws <= action_gap_threshold(m) + 1e-12]  # w = lambda* included: a tie is no flip
             violations += sum(argmax_flipped(q_env_discrete(m), d, w) for w in below)
     return {
         "sup_delta": SUP_DELTA, "m": args.m, "lambda_star_theory": action_gap_threshold(args.m),
@@ -398,6 +401,7 @@ def plot_actor_freeze(result: dict, path: str) -> None:
         if run["steps_to_leave_bound"] is not None:
             ax.axvline(run["steps_to_leave_bound"], color=color, ls=":", lw=1)
     ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlim(left=0)  # no margin of negative steps
     ax.set_xlabel("actor gradient steps")
     ax.set_ylabel(f"share of actions with |a| ≥ {NEAR_BOUND} a_max")
     ax.set_title("C1. an actor collapsed at the bound: stuck unless inputs are normalized")
@@ -411,6 +415,7 @@ def plot_actor_freeze(result: dict, path: str) -> None:
         ax.plot(run["steps"], run["action_mean"], label=f"{label} (w = {run['w']:.3g}){suffix}",
                 ls="--" if constant else "-")
     ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlim(left=0)  # no margin of negative steps
     ax.axhline(0.5, color="grey", lw=0.8)
     ax.axhline(-0.5, color="grey", lw=0.8)
     ax.set_xlabel("actor gradient steps")
@@ -451,7 +456,10 @@ def main(args: Args) -> dict:
     start = time.time()
     rng = np.random.default_rng(args.seed)
     fig_dir = os.path.join(args.out_dir, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
+    try:
+        os.makedirs(fig_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot make '{fig_dir}' under --out-dir: {err}") from None
 
     action_gap = experiment_action_gap(args, rng)
     plot_action_gap(action_gap, os.path.join(fig_dir, "fig_action_gap_phase.png"))
@@ -478,11 +486,13 @@ class UserError(Exception):
 def validate_args(args: Args) -> None:
     if args.num_samples < 1000:
         raise UserError(f"--num-samples must be >= 1000, got {args.num_samples}")
-    if not 0.0 < args.m < SUP_DELTA / 4:
-        raise UserError(f"--m must be in (0, {SUP_DELTA / 4}) so the phase map (w up to 0.5) shows the boundary, "
+    if not 1e-6 <= args.m < SUP_DELTA / 4:  # below 1e-6 the gap drowns in float rounding
+        raise UserError(f"--m must be in [1e-6, {SUP_DELTA / 4}) so the phase map (w up to 0.5) shows the boundary, "
                         f"got {args.m}")
-    if not 0.0 < args.w_step <= 0.05:
-        raise UserError(f"--w-step must be in (0, 0.05], got {args.w_step}")
+    if not 1e-4 <= args.w_step <= 0.05:  # finer: millions of grid cells, minutes of argmax
+        raise UserError(f"--w-step must be in [1e-4, 0.05], got {args.w_step}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UserError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.train_steps < 1:
         raise UserError(f"--train-steps must be >= 1, got {args.train_steps}")
     if not 1.0 <= args.freeze_ratio <= 1e30:  # float32 states overflow to inf a few decades above
