@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import torch
-import tyro
 
 import td3_continuous as td3
 
@@ -55,6 +54,7 @@ def matmul_gflops(batch_size: int, hidden: int, dtype: torch.dtype, device: torc
 
 
 def main(args: td3.Args) -> dict:
+    td3.check_args(args)  # a bad value is one error line (run_command_line below), not a traceback
     device = td3.setup_torch(args)
     env = td3.checked_env(args.env_id, td3.make_env(args.env_id))
     obs_dim, action_space = env.observation_space.shape[0], env.action_space
@@ -112,4 +112,4 @@ def main(args: td3.Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(td3.Args))
+    td3.run_command_line(main, td3.Args)  # a mistake is one `error:` line and exit code 2, as in td3_continuous.py

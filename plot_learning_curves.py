@@ -7,7 +7,8 @@ mean +- std band of the authors' 10 seeds. Prints a table of the last common eva
 each seed, the mean, the published mean and std there, and whether the mean is within one
 published std below the published mean (the reproduction target of this kit); and, for runs that
 reach 100k, the same for each seed's mean of its evaluations from 55k to 100k (one evaluation is
-a noisy score: Hopper's published std at 100k is 752).
+a noisy score: Hopper's published std at 100k is 752). The seeds of one experiment are averaged step
+by step: a seed given twice, or runs evaluated at other steps (another --eval-frequency), is an error.
 
 Run:     python plot_learning_curves.py runs/Hopper-v5__td3_paper__* runs/Hopper-v5__td3_continuous__*
 Writes:  figures/learning_curves_{env_id}.png (--out-dir)
@@ -87,9 +88,22 @@ def read_run(run_dir: str) -> dict:
     if not rows:
         raise UserError(f"'{csv_path}' has no evaluation yet")
     parts = os.path.basename(os.path.normpath(run_dir)).split("__")
-    return {"env_id": summary["env_id"], "exp_name": parts[1] if len(parts) == 4 else "?", "seed": summary["seed"],
-            "steps": np.array([int(r["global_step"]) for r in rows]),
+    return {"dir": run_dir, "env_id": summary["env_id"], "exp_name": parts[1] if len(parts) == 4 else "?",
+            "seed": summary["seed"], "steps": np.array([int(r["global_step"]) for r in rows]),
             "returns": np.array([float(r["eval_return_mean"]) for r in rows])}
+
+
+def check_runs(env_id: str, exp_name: str, runs: list[dict]) -> None:
+    """The runs of one experiment are averaged step by step: each seed once, all evaluated at the same steps
+    (a run stopped early has fewer: the first ones of the longest run's)."""
+    longest = max(runs, key=lambda run: len(run["steps"]))
+    for i, run in enumerate(runs):
+        for other in runs[:i]:
+            if other["seed"] == run["seed"]:
+                raise UserError(f"{env_id} {exp_name}: seed {run['seed']} twice, '{other['dir']}' and '{run['dir']}'")
+        if not np.array_equal(run["steps"], longest["steps"][: len(run["steps"])]):
+            raise UserError(f"{env_id} {exp_name}: '{run['dir']}' and '{longest['dir']}' were evaluated at different "
+                            "steps (another --eval-frequency?); their mean would mix steps: plot them separately")
 
 
 def published_curve(env_id: str):
@@ -105,7 +119,7 @@ def compare(runs: list[dict], published, env_id: str) -> dict:
     """Returns at the last step every run evaluated, their mean, and the published numbers there; with
     every run at 100k, also each seed's mean over 55k-100k against the published seeds' (late_*)."""
     step = min(int(run["steps"][-1]) for run in runs)
-    at_step = [float(run["returns"][run["steps"] == step][0]) if step in run["steps"] else float("nan") for run in runs]
+    at_step = [float(run["returns"][run["steps"] == step][0]) for run in runs]  # check_runs: every run has `step`
     row = {"step": step, "seeds": [run["seed"] for run in runs], "returns": at_step, "mean": float(np.mean(at_step))}
     if published is not None and step in published[0]:
         i = int(np.flatnonzero(published[0] == step)[0])
@@ -144,7 +158,7 @@ def plot_env(env_id: str, groups: dict, published, path: str) -> None:
     for color, (exp_name, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], sorted(groups.items())):
         for run in runs:
             ax.plot(run["steps"], run["returns"], color=color, alpha=0.35, linewidth=0.8)
-        n = min(len(run["steps"]) for run in runs)  # seeds share the evaluation steps
+        n = min(len(run["steps"]) for run in runs)  # seeds share the evaluation steps (check_runs)
         ax.plot(runs[0]["steps"][:n], np.mean([run["returns"][:n] for run in runs], axis=0), color=color,
                 linewidth=2, label=f"{exp_name}: mean of {len(runs)} seeds (thin: each seed)")
     ax.set(title=f"TD3 on {env_id}", xlabel="environment steps", ylabel="eval return (10 deterministic episodes)")
@@ -161,6 +175,9 @@ def main(args: Args) -> list[dict]:
     for run_dir in args.run_dirs:
         run = read_run(run_dir)
         by_env[run["env_id"]][run["exp_name"]].append(run)
+    for env_id, groups in by_env.items():  # before any figure is written
+        for exp_name, runs in groups.items():
+            check_runs(env_id, exp_name, runs)
     os.makedirs(args.out_dir, exist_ok=True)
     table = []
     for env_id, groups in sorted(by_env.items()):

@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import pathlib
 import pickle
 import random
 import re
@@ -72,7 +73,7 @@ class Args:
     checkpoint_frequency: int = 0
     """write checkpoint.pt (model + replay buffer + RNG states) every N env steps; 0 disables"""
     resume: Optional[str] = None
-    """path of a checkpoint.pt to continue an interrupted run (its saved arguments are used)"""
+    """path of a checkpoint.pt: continue its run with its saved settings (--threads, --cuda, --compile may change)"""
     eval_only: bool = False
     """only evaluate the model in --checkpoint and exit"""
     checkpoint: Optional[str] = None
@@ -308,7 +309,7 @@ class TD3:
         self.normalizer = RunningMeanStd(obs_dim).to(device) if args.state_norm else None
         self.action_low = torch.as_tensor(action_space.low, dtype=torch.float32, device=device)
         self.action_high = torch.as_tensor(action_space.high, dtype=torch.float32, device=device)
-        self.n_updates = 0
+        self.n_updates, self.last_actor_loss = 0, None  # the loss of the last actor step, in every update's metrics
 
     def norm(self, obs: torch.Tensor) -> torch.Tensor:
         return obs if self.normalizer is None else self.normalizer.normalize(obs)
@@ -357,11 +358,11 @@ class TD3:
         self.n_updates += 1
         # Delayed policy updates: the actor follows a critic that has had time to settle.
         if self.n_updates % self.args.policy_frequency == 0:
-            grads, metrics["actor_loss"] = self.actor_gradients(obs)
+            grads, self.last_actor_loss = self.actor_gradients(obs)
             optimizer_step(self.actor_optimizer, self.actor, grads)
             soft_update_(list(self.actor_target.parameters()) + list(self.qf_target.parameters()),
                          list(self.actor.parameters()) + list(self.qf.parameters()), self.args.tau)
-        return metrics
+        return {**metrics, "actor_loss": self.last_actor_loss}
 
 
 # EVALUATION -------------------------------------------------------------------------------------
@@ -420,8 +421,7 @@ def main(args: Args) -> dict:
                 # ALGO LOGIC: act (uniform random until learning starts), step, store the true transitions
                 actions = agent.act(obs, args.exploration_noise) if learning else envs.action_space.sample()
                 next_obs, rewards, terminations, truncations, infos = envs.step(actions)
-                real_next_obs, keep = transitions_to_store(next_obs, infos, envs.metadata["autoreset_mode"],
-                                                           prev_done)
+                real_next_obs, keep = transitions_to_store(next_obs, infos, envs.metadata["autoreset_mode"], prev_done)
                 rb.add(obs[keep], real_next_obs[keep], actions[keep], rewards[keep], terminations[keep])
                 if agent.normalizer is not None:  # --state-norm: the statistics follow the states acted from
                     agent.normalizer.update(torch.as_tensor(obs[keep], device=device))
@@ -537,20 +537,18 @@ def scale_summary(agent: TD3, rb: ReplayBuffer) -> dict:
 # SET-UP: arguments, environments, torch and the compiled update ----------------------------------
 def check_args(args: Args) -> None:
     """Reject values that would crash later or silently do something else."""
-    if min(args.hidden_sizes) <= 0:
-        raise UserError(f"--hidden-sizes must be two widths > 0, got {' '.join(map(str, args.hidden_sizes))}")
-    for name, low, text in [(name, 0, "> 0") for name in ("total_timesteps", "num_envs", "buffer_size", "batch_size",
-                                                          "policy_frequency", "eval_frequency", "eval_episodes")] + \
-            [(name, -1, ">= 0") for name in ("learning_starts", "checkpoint_frequency", "threads")]:
-        if getattr(args, name) <= low:
+    rules = {"hidden_sizes": (lambda x: min(x) > 0, "two widths > 0"), "gamma": (lambda x: 0 <= x < 1, "in [0, 1)"),
+             "seed": (lambda x: 0 <= x < 2**32, "in [0, 2**32 - 1]"), "tau": (lambda x: 0 < x <= 1, "in (0, 1]"),
+             **dict.fromkeys(("total_timesteps", "buffer_size", "batch_size", "policy_frequency", "eval_frequency",
+                              "eval_episodes", "learning_rate"), (lambda x: 0 < x < math.inf, "finite and > 0")),
+             **dict.fromkeys(("learning_starts", "checkpoint_frequency", "threads", "policy_noise",
+                              "exploration_noise", "noise_clip"), (lambda x: 0 <= x < math.inf, "finite and >= 0")),
+             "num_envs": (lambda n: n > 0 and args.total_timesteps % n == 0,
+                          f"> 0 and divide --total-timesteps ({args.total_timesteps} env steps, not iterations)"),
+             "runs_dir": (lambda p: not any(map(os.path.isfile, [p, *pathlib.Path(p).parents])), "a folder")}
+    for name, (valid, text) in rules.items():
+        if not valid(getattr(args, name)):  # each test is written so that NaN (it compares False) and inf fail
             raise UserError(f"--{name.replace('_', '-')} must be {text}, got {getattr(args, name)}")
-    if args.learning_rate <= 0 or min(args.policy_noise, args.exploration_noise, args.noise_clip) < 0:
-        raise UserError("--learning-rate must be > 0, and --policy-noise, --exploration-noise, --noise-clip >= 0")
-    if not (0.0 <= args.gamma < 1.0 and 0.0 < args.tau <= 1.0):
-        raise UserError(f"--gamma must be in [0, 1) and --tau in (0, 1], got {args.gamma} and {args.tau}")
-    if args.total_timesteps % args.num_envs:
-        raise UserError(f"--total-timesteps ({args.total_timesteps}) must be a multiple of "
-                        f"--num-envs ({args.num_envs}): it counts env steps, not iterations")
     if args.eval_only != bool(args.checkpoint):
         raise UserError("--eval-only needs --checkpoint PATH (a model.pt or checkpoint.pt), and --checkpoint is "
                         "only read with --eval-only (to continue training use --resume)")
@@ -669,10 +667,9 @@ class RunFolder:
     def log_losses(self, metrics: dict, agent: TD3, rb: ReplayBuffer, global_step: int) -> None:
         """CleanRL's loss curves; a NaN or inf in them ends the run (Diverged)."""
         (q1, q2), (l1, l2) = metrics["q_means"].tolist(), metrics["qf_losses"].tolist()
-        self.last_losses = {"qf1_values": q1, "qf2_values": q2, "qf1_loss": l1, "qf2_loss": l2,
-                            "qf_loss": (l1 + l2) / 2}
-        if "actor_loss" in metrics:
-            self.last_losses["actor_loss"] = metrics["actor_loss"].item()
+        losses = {"qf1_values": q1, "qf2_values": q2, "qf1_loss": l1, "qf2_loss": l2, "qf_loss": (l1 + l2) / 2,
+                  "actor_loss": metrics["actor_loss"]}  # of the last actor step, whichever update that was
+        self.last_losses = {name: float(value) for name, value in losses.items() if value is not None}
         self.check_finite(agent, rb, global_step)
         for name, value in self.last_losses.items():
             self.writer.add_scalar(f"losses/{name}", value, global_step)
@@ -893,12 +890,15 @@ def load_torch_file(path: str, what: str) -> dict:
 
 
 def load_resume(args: Args) -> tuple[Args, Optional[dict]]:
-    """--resume PATH: the arguments saved in the checkpoint, and the checkpoint (None without --resume)."""
+    """--resume PATH: the checkpoint's settings and the checkpoint; without --resume, (args, None)."""
     state = load_torch_file(args.resume, "--resume") if args.resume else None
     if state is not None and "buffer" not in state:
-        raise UserError(f"'{args.resume}' is a model file without replay buffer; resume needs a "
-                        "checkpoint.pt written with --checkpoint-frequency N")
-    return (args, None) if state is None else (dataclasses.replace(state["args"], resume=args.resume), state)
+        raise UserError(f"'{args.resume}' has no replay buffer: resume from a checkpoint.pt (--checkpoint-frequency N)")
+    saved, own = state["args"] if state else args, ("resume", "threads", "cuda", "compile")  # where from and how fast
+    for (name, value), old in zip(dataclasses.asdict(args).items(), dataclasses.astuple(saved)):
+        if name not in own and value != getattr(Args(), name) and value != old:  # given (not the default), not saved
+            raise UserError(f"--{name.replace('_', '-')} {value}: --resume keeps the checkpoint's settings ({old})")
+    return dataclasses.replace(saved, **{name: getattr(args, name) for name in own}), state
 
 
 def start_or_resume(envs, agent: TD3, rb: ReplayBuffer, args: Args, checkpoint: Optional[dict]):
@@ -916,25 +916,25 @@ def start_or_resume(envs, agent: TD3, rb: ReplayBuffer, args: Args, checkpoint: 
 
 
 def eval_only(args: Args) -> dict:
-    """--eval-only --checkpoint PATH: load a model and run the evaluation protocol once."""
+    """--eval-only --checkpoint PATH: the evaluation protocol once; seed and episodes as given, else as saved."""
     state = load_torch_file(args.checkpoint, "--checkpoint")
-    saved = dataclasses.replace(state["args"], eval_episodes=args.eval_episodes, seed=args.seed, compile=False)
+    given = {k: getattr(args, k) for k in ("seed", "eval_episodes") if getattr(args, k) != getattr(Args(), k)}
+    saved = dataclasses.replace(state["args"], threads=args.threads, cuda=args.cuda, compile=False, **given)
     device = setup_torch(saved)
-    run_dir = os.path.join(args.runs_dir, f"{saved.env_id.replace(':', '_')}__{saved.exp_name}-eval__{args.seed}__"
+    run_dir = os.path.join(args.runs_dir, f"{saved.env_id.replace(':', '_')}__{saved.exp_name}-eval__{saved.seed}__"
                                           f"{int(time.time())}")
-    eval_env = checked_env(saved.env_id, make_env(saved.env_id))
-    agent = TD3(eval_env.observation_space.shape[0], eval_env.action_space, saved, device)
-    load_agent_state(agent, state["agent"])
-    result = evaluate(agent, eval_env, args.eval_episodes, args.seed + 100, saved.gamma)
-    eval_env.close()
+    with checked_env(saved.env_id, make_env(saved.env_id)) as eval_env:
+        agent = TD3(eval_env.observation_space.shape[0], eval_env.action_space, saved, device)
+        load_agent_state(agent, state["agent"])
+        result = evaluate(agent, eval_env, saved.eval_episodes, saved.seed + 100, saved.gamma)
     os.makedirs(run_dir, exist_ok=True)
     summary = {"env_id": saved.env_id, "checkpoint": args.checkpoint, "checkpoint_step": state["global_step"],
-               "eval_episodes": args.eval_episodes, "eval_return_mean": result["mean"],
-               "eval_return_std": result["std"], "eval_returns": result["returns"],
+               "seed": saved.seed, "eval_episodes": saved.eval_episodes, "from_command_line": sorted(given),
+               "eval_return_mean": result["mean"], "eval_return_std": result["std"], "eval_returns": result["returns"],
                "value_bias": result["value_bias"], "run_dir": run_dir}
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     print(f"eval of {args.checkpoint} (step {state['global_step']}): {result['mean']:.1f} +- {result['std']:.1f} "
-          f"over {args.eval_episodes} episodes -> {run_dir}")
+          f"over {saved.eval_episodes} episodes, seed {saved.seed} -> {run_dir}")
     return summary
 
 

@@ -68,3 +68,32 @@ def test_a_folder_that_is_not_a_run_is_one_error_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr == (f"error: '{tmp_path}' is not a td3_continuous.py run folder "
                              "(needs evaluations.csv and summary.json)\n")
+
+
+def run_plot(*run_dirs, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "plot_learning_curves.py"), *map(str, run_dirs)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_runs_evaluated_at_other_steps_are_refused_by_name(tmp_path):
+    """Averaging seeds evaluated every 5000 and every 2500 steps would mix steps (and print a nan mean)."""
+    a = fake_run(tmp_path, "Hopper-v5", "td3_paper", 1, [1.0] * 20)
+    b = fake_run(tmp_path, "Hopper-v5", "td3_paper", 2, [1.0] * 40, step=2500)
+    result = run_plot(a, b, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"error: Hopper-v5 td3_paper: '{a}' and '{b}' were evaluated at different steps "
+                             "(another --eval-frequency?); their mean would mix steps: plot them separately\n")
+    assert not (tmp_path / "figures").exists()
+    # another experiment of the same env may use other steps and the same seeds: each is averaged on its own
+    c = fake_run(tmp_path, "Hopper-v5", "td3_continuous", 1, [2.0] * 40, step=2500)
+    table = plc.main(plc.Args(run_dirs=(a, c), out_dir=str(tmp_path / "fig")))
+    assert [(row["exp_name"], row["step"], row["mean"]) for row in table] == [("td3_continuous", 100_000, 2.0),
+                                                                                ("td3_paper", 100_000, 1.0)]
+
+
+def test_a_seed_given_twice_is_refused_with_both_paths(tmp_path):
+    a = fake_run(tmp_path / "first", "Hopper-v5", "td3_paper", 1, [1.0] * 20)
+    b = fake_run(tmp_path / "second", "Hopper-v5", "td3_paper", 1, [3.0] * 20)
+    result = run_plot(a, b, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == f"error: Hopper-v5 td3_paper: seed 1 twice, '{a}' and '{b}'\n"

@@ -135,6 +135,21 @@ def test_delayed_actor_and_target_updates_count_and_polyak():
     assert step_count(agent.q_optimizer) == 7 and step_count(agent.actor_optimizer) == 3
 
 
+def test_the_actor_loss_is_logged_whichever_update_was_the_last_actor_step(tmp_path):
+    """With --policy-frequency 3 the update that reaches a logging interval is an actor step only every third
+    time: the logged actor loss is the last actor step's (update 3 here, logged at update 4)."""
+    agent = make_agent(policy_frequency=3)
+    metrics = [agent.update(random_batch(seed=seed)) for seed in range(4)]
+    assert metrics[0]["actor_loss"] is None and metrics[3]["actor_loss"] is metrics[2]["actor_loss"]
+    rb = td3.ReplayBuffer(10, 3, 1, torch.device("cpu"))
+    rb.add(np.zeros((4, 3)), np.zeros((4, 3)), np.zeros((4, 1)), np.zeros(4), np.zeros(4))
+    run = td3.RunFolder(small_args(tmp_path), None)
+    run.log_losses(metrics[3], agent, rb, 4)
+    run.writer.close()
+    assert run.last_losses["actor_loss"] == metrics[2]["actor_loss"].item()
+    assert run.last_losses["qf_loss"] == pytest.approx(metrics[3]["qf_losses"].mean().item())
+
+
 def test_the_critic_gradient_is_the_gradient_of_the_written_loss():
     """torch.func's gradient against autograd on the same loss, written out by hand."""
     agent = make_agent()
@@ -355,6 +370,8 @@ def make_agent_for(state, obs_dim, low, high):
     (["--env-id", "CartPole-v1"], "Discrete"),
     (["--env-id", "nosuchmodule:Foo-v0"], "nosuchmodule"),
     (["--gamma", "1.5"], "--gamma"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
+    (["--learning-rate", "nan"], "--learning-rate must be finite and > 0, got nan"),
     (["--total-timesteps", "abc"], "--total-timesteps"),
     (["--resume", "/nonexistent/checkpoint.pt"], "does not exist"),
     (["--eval-only"], "--checkpoint"),
@@ -385,6 +402,50 @@ def test_bad_values_raise_user_error_in_process(tmp_path):
             td3.main(small_args(tmp_path, **bad))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(seed=-1), "--seed must be in [0, 2**32 - 1], got -1"),
+    (dict(seed=2**32), "--seed must be in [0, 2**32 - 1], got 4294967296"),
+    (dict(learning_rate=math.nan), "--learning-rate must be finite and > 0, got nan"),
+    (dict(exploration_noise=math.nan), "--exploration-noise must be finite and >= 0, got nan"),
+    (dict(policy_noise=math.nan), "--policy-noise must be finite and >= 0, got nan"),
+    (dict(noise_clip=math.nan), "--noise-clip must be finite and >= 0, got nan"),
+    (dict(learning_rate=math.inf), "--learning-rate must be finite and > 0, got inf"),
+    (dict(exploration_noise=math.inf), "--exploration-noise must be finite and >= 0, got inf"),
+    (dict(batch_size=0), "--batch-size must be finite and > 0, got 0"),
+    (dict(gamma=math.nan), "--gamma must be in [0, 1), got nan"),
+    (dict(tau=math.nan), "--tau must be in (0, 1], got nan"),
+    (dict(hidden_sizes=(0, 64)), "--hidden-sizes must be two widths > 0, got (0, 64)"),
+    (dict(num_envs=3), "--num-envs must be > 0 and divide --total-timesteps (1000 env steps, not iterations), got 3"),
+])
+def test_check_args_refuses_out_of_range_and_nan_values_by_name(tmp_path, overrides, message):
+    td3.check_args(small_args(tmp_path, seed=2**32 - 1))  # the last valid seed
+    with pytest.raises(td3.UserError) as err:
+        td3.check_args(small_args(tmp_path, **overrides))
+    assert str(err.value) == message
+
+
+def test_a_runs_dir_that_is_a_file_or_inside_one_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    for runs_dir in (tmp_path / "file", tmp_path / "file" / "runs" / "deeper"):
+        with pytest.raises(td3.UserError) as err:
+            td3.check_args(small_args(tmp_path, runs_dir=str(runs_dir)))
+        assert str(err.value) == f"--runs-dir must be a folder, got {runs_dir}"
+    td3.check_args(small_args(tmp_path, runs_dir=str(tmp_path / "new" / "runs")))  # made later: fine
+    assert not (tmp_path / "new").exists()
+
+
+def test_benchmark_mistakes_are_one_error_line_exit_2(tmp_path, capsys, monkeypatch):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark_update.py"), "--env-id", "CartPole-v1",
+                             "--threads", "1", "--no-compile"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=600)
+    assert result.returncode == 2 and result.stderr.startswith("error: 'CartPole-v1' has action space Discrete")
+    assert result.stderr.count("\n") == 1 and os.listdir(tmp_path) == []
+    monkeypatch.setattr(sys, "argv", ["benchmark_update.py", "--seed", "-1", "--no-compile", "--threads", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        td3.run_command_line(benchmark_update.main, td3.Args)  # what its __main__ runs, in process
+    assert exit_.value.code == 2 and capsys.readouterr().err == "error: --seed must be in [0, 2**32 - 1], got -1\n"
+
+
 def test_compile_without_a_cxx_compiler_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr(td3.shutil, "which", lambda name: None)  # a machine without g++
     with pytest.raises(td3.UserError, match="--no-compile"):
@@ -412,6 +473,45 @@ def test_same_seed_gives_identical_numbers(tmp_path):
         assert a[key] == b[key]
     c = td3.main(small_args(tmp_path / "c", seed=4, state_norm=True, compile=True))
     assert c["eval_return_last"] != a["eval_return_last"]
+
+
+def test_resume_keeps_the_saved_settings_but_takes_runtime_flags_from_the_command_line(tmp_path, monkeypatch):
+    summary = td3.main(small_args(tmp_path, total_timesteps=600, learning_starts=200, eval_frequency=300,
+                                  checkpoint_frequency=300, batch_size=32))
+    ckpt = os.path.join(summary["run_dir"], "checkpoint.pt")
+    state = torch.load(ckpt, weights_only=True)
+    state["args"].update(compile=True, total_timesteps=900)  # as if a compiled 900-step run had stopped at 600
+    torch.save(state, ckpt)
+    with pytest.raises(td3.UserError) as err:  # a setting given that is neither the default nor the saved one
+        td3.load_resume(td3.Args(resume=ckpt, total_timesteps=4000))
+    assert str(err.value) == "--total-timesteps 4000: --resume keeps the checkpoint's settings (900)"
+    with pytest.raises(td3.UserError, match=r"^--hidden-sizes \(256, 128\): .* \(\(64, 64\)\)$"):
+        td3.load_resume(td3.Args(resume=ckpt, hidden_sizes=(256, 128)))
+    # the saved value given again, or a default (not told apart from "not given"), changes nothing
+    args, _ = td3.load_resume(td3.Args(resume=ckpt, env_id="Pendulum-v1", batch_size=32, threads=1, compile=False,
+                                       cuda=False))
+    assert (args.total_timesteps, args.batch_size, args.learning_starts, args.hidden_sizes) == (900, 32, 200, (64, 64))
+    assert (args.threads, args.compile, args.cuda, args.resume) == (1, False, False, ckpt)
+    # a checkpoint of a compiled run resumes with --no-compile on a machine without a C++ compiler
+    monkeypatch.setattr(td3.shutil, "which", lambda name: None)
+    resumed = td3.main(td3.Args(resume=ckpt, compile=False, cuda=False))
+    assert resumed["status"] == "completed" and resumed["global_step"] == 900 and resumed["updates"] == 700
+
+
+def test_eval_only_takes_seed_and_episodes_from_the_checkpoint_unless_given(tmp_path, monkeypatch):
+    summary = td3.main(small_args(tmp_path, seed=2, save_model=True))  # seed 2, 2 evaluation episodes
+    model = os.path.join(summary["run_dir"], "model.pt")
+    seen, setup_torch = [], td3.setup_torch
+    monkeypatch.setattr(td3, "setup_torch", lambda args: seen.append(args) or setup_torch(args))
+    threads = torch.get_num_threads()  # the number already set: the test changes nothing for the next ones
+    again = td3.main(td3.Args(eval_only=True, checkpoint=model, runs_dir=str(tmp_path), threads=threads))
+    assert again["eval_return_mean"] == summary["eval_return_last"]  # the training run's own evaluation
+    assert (again["seed"], again["eval_episodes"], again["from_command_line"]) == (2, 2, [])
+    assert (seen[-1].threads, seen[-1].cuda, seen[-1].compile) == (threads, True, False)  # saved: 0 and False
+    assert read_json(os.path.join(again["run_dir"], "summary.json")) == again
+    given = td3.main(td3.Args(eval_only=True, checkpoint=model, runs_dir=str(tmp_path), cuda=False, eval_episodes=3))
+    assert (given["seed"], given["eval_episodes"], len(given["eval_returns"])) == (2, 3, 3)
+    assert given["from_command_line"] == ["eval_episodes"] and "__2__" in os.path.basename(given["run_dir"])
 
 
 def test_eval_only_reproduces_the_final_evaluation(tmp_path):
@@ -449,7 +549,7 @@ def test_resume_after_interruption_counts_every_step_once(tmp_path):
     step_at_ckpt = torch.load(ckpt, weights_only=True)["global_step"]
     assert step_at_ckpt < 1000
 
-    result = run_script("--resume", ckpt)
+    result = run_script("--resume", ckpt, "--no-compile")  # runtime settings come from the command line
     assert result.returncode == 0, result.stderr
     run_dir = os.path.dirname(ckpt)
     summary = read_json(os.path.join(run_dir, "summary.json"))
@@ -546,7 +646,7 @@ def test_sigint_stops_at_a_step_boundary_and_resume_counts_every_step_once(tmp_p
     assert torch.load(ckpt, weights_only=True)["global_step"] == stopped_at == summary["checkpoint_step"]
     assert summary["updates"] == stopped_at - 200
 
-    result = run_script("--resume", ckpt)
+    result = run_script("--resume", ckpt, "--no-compile")  # runtime settings come from the command line
     assert result.returncode == 0, result.stderr
     summary = read_json(os.path.join(run_dir, "summary.json"))
     assert summary["status"] == "completed" and summary["exit_code"] == 0 and summary["global_step"] == 1000
