@@ -1678,12 +1678,12 @@ def check_args(args: Args) -> None:
     """Reject values that would crash later or silently do something else."""
     for name in ("total_timesteps", "buffer_size", "batch_size", "policy_frequency", "eval_frequency", "hidden_size",
                  "learning_rate", "episode_length", "initial_equity", "periods_per_year", "reward_scale", "rnd_hidden"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:  # written so that NaN fails too
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+        if getattr(args, name) is not None and not 0 < getattr(args, name) < math.inf:  # NaN fails it too
+            raise UserError(f"--{name.replace('_', '-')} must be finite and > 0, got {getattr(args, name)}")
     for name in ("learning_starts", "threads", "policy_noise", "exploration_noise", "noise_clip",
                  "cost_bp", "risk_penalty", "intrinsic_coef", "preactivation_penalty"):
-        if getattr(args, name) is not None and not getattr(args, name) >= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < math.inf:
+            raise UserError(f"--{name.replace('_', '-')} must be finite and >= 0, got {getattr(args, name)}")
     if not (0.0 <= args.gamma < 1.0 and 0.0 < args.tau <= 1.0):
         raise UserError(f"--gamma must be in [0, 1) and --tau in (0, 1], got {args.gamma} and {args.tau}")
     if not (0 < args.train_frac < 1 and 0 < args.val_frac < 1 and args.train_frac + args.val_frac < 1):

@@ -282,9 +282,11 @@ def test_bad_inputs_from_the_command_line_are_one_line_exit_2(tmp_path, capsys):
     code, err = run_cli(capsys, "--train-frac", "0.9", "--val-frac", "0.2", "--runs-dir", str(tmp_path / "runs"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: --train-frac (0.9)")
     code, err = run_cli(capsys, "--rnd-hidden", "0", "--runs-dir", str(tmp_path / "runs"))
-    assert (code, err) == (2, "error: --rnd-hidden must be > 0, got 0\n")
-    for argv, message in [(["--learning-rate", "nan"], "error: --learning-rate must be > 0, got nan\n"),
-                          (["--exploration-noise", "nan"], "error: --exploration-noise must be >= 0, got nan\n"),
+    assert (code, err) == (2, "error: --rnd-hidden must be finite and > 0, got 0\n")
+    for argv, message in [(["--learning-rate", "nan"], "error: --learning-rate must be finite and > 0, got nan\n"),
+                          (["--reward-scale", "inf"], "error: --reward-scale must be finite and > 0, got inf\n"),
+                          (["--exploration-noise", "nan"], "error: --exploration-noise must be finite and >= 0, "
+                                                           "got nan\n"),
                           (["--seed", "-1"], "error: --seed must be in [0, 2**32), got -1\n"),
                           (["--total-timesteps", "1500"], "error: --learning-starts (5000) must be below "
                                                           "--total-timesteps (1500): else no update runs"),
