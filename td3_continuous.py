@@ -890,7 +890,7 @@ def load_torch_file(path: str, what: str) -> dict:
 
 
 def load_resume(args: Args) -> tuple[Args, Optional[dict]]:
-    """--resume PATH: the checkpoint's settings and the checkpoint; without --resume, (args, None)."""
+    """--resume: the checkpoint's settings (--threads/--cuda/--compile as given, else saved), the checkpoint."""
     state = load_torch_file(args.resume, "--resume") if args.resume else None
     if state is not None and "buffer" not in state:
         raise UserError(f"'{args.resume}' has no replay buffer: resume from a checkpoint.pt (--checkpoint-frequency N)")
@@ -898,7 +898,7 @@ def load_resume(args: Args) -> tuple[Args, Optional[dict]]:
     for (name, value), old in zip(dataclasses.asdict(args).items(), dataclasses.astuple(saved)):
         if name not in own and value != getattr(Args(), name) and value != old:  # given (not the default), not saved
             raise UserError(f"--{name.replace('_', '-')} {value}: --resume keeps the checkpoint's settings ({old})")
-    return dataclasses.replace(saved, **{name: getattr(args, name) for name in own}), state
+    return dataclasses.replace(saved, **{k: vars(args)[k] for k in own if vars(args)[k] != getattr(Args, k)}), state
 
 
 def start_or_resume(envs, agent: TD3, rb: ReplayBuffer, args: Args, checkpoint: Optional[dict]):

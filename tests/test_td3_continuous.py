@@ -492,6 +492,8 @@ def test_resume_keeps_the_saved_settings_but_takes_runtime_flags_from_the_comman
                                        cuda=False))
     assert (args.total_timesteps, args.batch_size, args.learning_starts, args.hidden_sizes) == (900, 32, 200, (64, 64))
     assert (args.threads, args.compile, args.cuda, args.resume) == (1, False, False, ckpt)
+    args, _ = td3.load_resume(td3.Args(resume=ckpt))  # no runtime flag given: the run's own
+    assert (args.threads, args.compile, args.cuda) == (0, True, False)  # as saved (compile: set above)
     # a checkpoint of a compiled run resumes with --no-compile on a machine without a C++ compiler
     monkeypatch.setattr(td3.shutil, "which", lambda name: None)
     resumed = td3.main(td3.Args(resume=ckpt, compile=False, cuda=False))
@@ -549,7 +551,7 @@ def test_resume_after_interruption_counts_every_step_once(tmp_path):
     step_at_ckpt = torch.load(ckpt, weights_only=True)["global_step"]
     assert step_at_ckpt < 1000
 
-    result = run_script("--resume", ckpt, "--no-compile")  # runtime settings come from the command line
+    result = run_script("--resume", ckpt)  # the run's own settings, --no-compile included
     assert result.returncode == 0, result.stderr
     run_dir = os.path.dirname(ckpt)
     summary = read_json(os.path.join(run_dir, "summary.json"))
@@ -646,7 +648,7 @@ def test_sigint_stops_at_a_step_boundary_and_resume_counts_every_step_once(tmp_p
     assert torch.load(ckpt, weights_only=True)["global_step"] == stopped_at == summary["checkpoint_step"]
     assert summary["updates"] == stopped_at - 200
 
-    result = run_script("--resume", ckpt, "--no-compile")  # runtime settings come from the command line
+    result = run_script("--resume", ckpt)  # the run's own settings, --no-compile included
     assert result.returncode == 0, result.stderr
     summary = read_json(os.path.join(run_dir, "summary.json"))
     assert summary["status"] == "completed" and summary["exit_code"] == 0 and summary["global_step"] == 1000
