@@ -757,15 +757,16 @@ def main(args: Args) -> dict:
                     return end_early(args, run_dir, trained, signum=stop.signum)
         except Diverged as err:
             return end_early(args, run_dir, trained, error=err)
-    # The paired audit asks what training with r_int did to the policy: the final agents, on test.
-    final_test = {name: evaluate_split(t["agent"], trading_env(data, "test", args, training=False),
-                                       data.periods_per_year) for name, t in trained.items()}
-    pair = {"baseline", "intrinsic"} <= set(trained)
-    final_pair = final_paired({name: t["agent"] for name, t in trained.items()}, final_test) if pair else None
-    if args.keep_best:  # early stopping: the performance table tests each agent's best validation checkpoint
-        for t in trained.values():
-            t["log"].restore_best(t["agent"])
-    return report(args, run_dir, data, normalizer, trained, final_test, final_pair)  # test, audit files, table
+        # Training is over: a signal from here on lets the report (seconds) finish.
+        # The paired audit asks what training with r_int did to the policy: the final agents, on test.
+        final_test = {name: evaluate_split(t["agent"], trading_env(data, "test", args, training=False),
+                                           data.periods_per_year) for name, t in trained.items()}
+        pair = {"baseline", "intrinsic"} <= set(trained)
+        final_pair = final_paired({name: t["agent"] for name, t in trained.items()}, final_test) if pair else None
+        if args.keep_best:  # early stopping: the performance table tests each agent's best validation checkpoint
+            for t in trained.values():
+                t["log"].restore_best(t["agent"])
+        return report(args, run_dir, data, normalizer, trained, final_test, final_pair)  # test, audit files, table
 
 
 # ===== MACHINERY (skip on a first read): the audit, the run folder, CSV reading, model files, =========
@@ -903,7 +904,7 @@ def diagnose(paired: dict, near_bound: float, initial_equity: float, shift: Opti
                   "and only raises every action's value; redesign it (e.g. --intrinsic-kind sa-rnd) rather than "
                   "tuning normalization")
     else:
-        advice = "nothing to audit: raise --intrinsic-coef or pick --intrinsic-kind rnd/sa-rnd" if not moved else \
+        advice = "nothing to audit: w * r_int is 0 on every batch: raise --intrinsic-coef above 0" if not moved else \
             "the intrinsic reward changes the policy: judge it by both agents' verdicts, then their test Sharpe"
     return {"code": code, "text": text, "advice": f"{shift}; then: {advice}" if shift else advice}
 
@@ -951,11 +952,12 @@ def distribution_shift(shift: dict, saturation: dict, *, fix: Optional[str]) -> 
             continue
         parts = [f"'{feature}' is at the clip on {test_share:.0%} of test steps (validation {val_share:.0%})"
                  for test_share, val_share, feature in sorted(shifted, reverse=True)]
-        parts.append(f"the actor is at its bound on {test_near:.0%} of test steps (validation {val_near:.0%})")
+        if actor_shifted:
+            parts.append(f"the actor is at its bound on {test_near:.0%} of test steps (validation {val_near:.0%})")
         remedy = (f"{fix} rather than retuning the agent" if fix else
                   "the test period lies outside what the train split showed: train on more or more recent data")
-        return (f"distribution shift ({name}): " + ", ".join(parts) + ": an input left the range fitted on the "
-                f"train split; {remedy}")
+        what = "an input left the range fitted on the train split" if shifted else "the actor left what it did there"
+        return f"distribution shift ({name}): " + ", ".join(parts) + f": {what}; {remedy}"
     return None
 
 
@@ -1186,7 +1188,7 @@ def report(args: Args, run_dir: str, data: MarketData, normalizer: Optional[Stat
                "frequency": data.frequency, "test": result["eval"], "selected_step": selected,
                "val": val, "val_benchmarks": result["benchmarks"]["val"],
                "verdict": verdict(val, result["benchmarks"]["val"], data.periods_per_year),
-               "saturation": {name: log.history[-1] for name, log in logs.items()},
+               "saturation": {name: result["saturation"][name]["val"] for name in logs},  # the kept agents'
                "saturation_test": {name: res["saturation"] for name, res in result["results"]["test"].items()},
                "paired": saturation["paired"] and {k: v for k, v in saturation["paired"].items() if k != "history"},
                "diagnosis": saturation["diagnosis"], "distribution_shift": result["distribution_shift"],
@@ -1667,7 +1669,8 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     print("settings: " + ", ".join(f"{name} {s['value']} ({s['from']})" for name, s in settings.items()))
     print(f"vol_filter threshold {data.vol_threshold:.4g}: {threshold}")
     print_table(result["eval"], summary["saturation"], "the saved agents", None,
-                {"policies": "the saved agents", "paired": paired, "diagnosis": None,
+                {"policies": "the saved agents (each its kept step: not the training audit's final pair)",
+                 "paired": paired, "diagnosis": None,
                  "near_bound": {name: sat["near_bound_ratio"] for name, sat in summary["saturation"].items()}})
     print(f"-> {run_dir}")
     return summary
@@ -1691,9 +1694,13 @@ def check_args(args: Args) -> None:
                         "positive and sum to less than 1 (the rest is the test split)")
     if args.intrinsic_kind == "none" and not args.paired:
         raise UserError("--no-paired trains only the intrinsic agent, so it needs --intrinsic-kind rnd or sa-rnd")
-    if args.eval_only != bool(args.checkpoint) or args.eval_only and args.save_model:
-        raise UserError("--eval-only needs --checkpoint runs/.../model.pt (written by --save-model); --checkpoint is "
-                        "only read with --eval-only, which writes no model")
+    if args.eval_only != bool(args.checkpoint) or args.eval_only and args.save_model or \
+            not args.eval_only and args.eval_split != "test":
+        raise UserError("--eval-only needs --checkpoint runs/.../model.pt (written by --save-model); --checkpoint and "
+                        "--eval-split are only read with --eval-only, which writes no model")
+    if not (args.initial_equity <= 1e12 and args.cost_bp < 1e4):  # else equity overflows or goes below 0 in a trade
+        raise UserError(f"--initial-equity must be <= 1e12 and --cost-bp < 10000 (100%), got {args.initial_equity:g} "
+                        f"and {args.cost_bp:g}")
     for name in ("seed", "market_seed"):  # numpy's seeds
         if not 0 <= getattr(args, name) < 2 ** 32:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 2**32), got {getattr(args, name)}")

@@ -291,7 +291,10 @@ def test_bad_inputs_from_the_command_line_are_one_line_exit_2(tmp_path, capsys):
                           (["--total-timesteps", "1500"], "error: --learning-starts (5000) must be below "
                                                           "--total-timesteps (1500): else no update runs"),
                           (["--checkpoint", "m.pt"], "error: --eval-only needs --checkpoint"),
-                          (["--eval-only", "--checkpoint", "m.pt", "--save-model"], "which writes no model\n")]:
+                          (["--eval-only", "--checkpoint", "m.pt", "--save-model"], "which writes no model\n"),
+                          (["--eval-split", "val"], "error: --eval-only needs --checkpoint"),
+                          (["--initial-equity", "1e300"], "error: --initial-equity must be <= 1e12"),
+                          (["--cost-bp", "1e5"], "and --cost-bp < 10000 (100%), got 100000 and 100000\n")]:
         code, err = run_cli(capsys, *argv, "--runs-dir", str(tmp_path / "runs"))
         assert code == 2 and err.count("\n") == 1 and (err == message or err.startswith(message)
                                                         or err.endswith(message)), (argv, err)
@@ -595,6 +598,23 @@ def test_sigterm_stops_training_with_status_interrupted_and_exit_143(tmp_path):
     summary = read_json(run_dir, "summary.json")
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM" and summary["exit_code"] == 143
     assert 0 < summary["steps"]["baseline"] < 1_000_000 and "intrinsic" not in summary["steps"]
+
+
+def test_a_signal_once_training_is_over_lets_the_report_finish(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the final test split is evaluated: training is done, so the report (seconds) completes."""
+    final_paired = tr.final_paired
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # Python's own handler would raise KeyboardInterrupt here
+        return final_paired(*args)
+    monkeypatch.setattr(tr, "final_paired", interrupted)
+    try:
+        summary = tr.main(tr.Args(total_timesteps=300, learning_starts=100, eval_frequency=150, market_steps=600,
+                                  episode_length=64, compile=False, cuda=False, runs_dir=str(tmp_path)))
+    except KeyboardInterrupt:  # (not left to abort the test session)
+        pytest.fail("the signal stopped the run after training, before summary.json")
+    assert summary["status"] == "completed" and read_json(summary["run_dir"], "summary.json") == summary
+    assert "SIGINT: stopping after this step" in capsys.readouterr().err
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -958,7 +978,8 @@ def test_diagnosis_rules_on_crafted_numbers():
     assert tr.diagnose({**base, "action_equal_ratio": 0.5}, 0.1, 1e5, fix=RAW_FIX)["code"] == "R2"
     moved = {**base, "action_equal_ratio": 0.5, "eval_value_mae": 40.0}
     assert tr.diagnose(moved, 0.1, 1e5, fix=RAW_FIX)["code"] == "R3"
-    assert tr.diagnose({**base, "intrinsic_mean_delta": 0.0}, 0.1, 1e5, fix=RAW_FIX)["code"] == "R4"
+    still = tr.diagnose({**base, "intrinsic_mean_delta": 0.0}, 0.1, 1e5, fix=RAW_FIX)
+    assert still["code"] == "R4" and still["advice"].endswith("raise --intrinsic-coef above 0")  # w = 0: nothing else
 
 
 def test_a_split_too_short_for_training_is_one_user_error(tmp_path):
@@ -1000,8 +1021,11 @@ def test_distribution_shift_is_named_only_when_test_fails_and_validation_does_no
     text = tr.distribution_shift({"a": {"val": split(0.0, 0.016), "test": split(0.18, 0.0)}}, sat(0.0, 0.0),
                                  fix=LEVELS_FIX)
     assert "'close' is at the clip on 18% of test steps (validation 0%)" in text  # equity's 1.6% hides nothing
-    assert "bound on 90%" in tr.distribution_shift({"a": {"val": split(0.0, 0.0), "test": split(0.0, 0.0)}},
-                                                   sat(0.1, 0.9), fix=LEVELS_FIX)
+    assert "the actor" not in text and ": an input left the range fitted on the train split; " in text
+    actor = tr.distribution_shift({"a": {"val": split(0.0, 0.0), "test": split(0.0, 0.0)}}, sat(0.1, 0.9),
+                                  fix=LEVELS_FIX)
+    assert "the actor is at its bound on 90% of test steps (validation 10%): the actor left" in actor
+    assert "an input" not in actor
     for val, test in ((split(0.0, 0.0), split(0.005, 0.0)), (split(0.1, 0.0), split(0.18, 0.0))):
         assert tr.distribution_shift({"a": {"val": val, "test": test}}, sat(0.1, 0.2), fix=LEVELS_FIX) is None
     raw = {"val": split(None, None), "test": split(None, None)}  # no normalizer: nothing is clipped
