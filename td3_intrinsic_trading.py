@@ -1083,8 +1083,9 @@ class TrainingLog:
         causes = {  # cause: whether this run's numbers point at it
             f"too high a learning rate (--learning-rate {args.learning_rate:g}; the default is 3e-5)":
                 args.learning_rate > DIVERGENCE_HINTS["learning_rate"],
-            f"the reward scale (|r_tot| up to {reward_max:.3g}; --reward-scale {args.reward_scale:g}, "
-            f"--intrinsic-coef {args.intrinsic_coef:g})": reward_max > DIVERGENCE_HINTS["reward"]}
+            f"the reward scale (|r_tot| up to {reward_max:.3g}; --reward-scale {args.reward_scale:g}"
+            + (f", --intrinsic-coef {args.intrinsic_coef:g})" if agent.intrinsic is not None else ")"):
+                reward_max > DIVERGENCE_HINTS["reward"]}
         if not args.state_norm:  # never advise an option the run already uses
             causes["unnormalized inputs (price and equity levels ~1e2-1e5; use --state-norm)"] = True
         likely = [cause for cause, flagged in causes.items() if flagged] or list(causes)

@@ -582,6 +582,19 @@ def test_diverging_run_is_one_error_line_and_status_diverged(tmp_path, capsys):
     assert "eval_test.json" not in files and not [f for f in files if ".tmp" in f]
 
 
+def test_the_divergence_message_names_the_intrinsic_coef_only_where_there_is_an_intrinsic_reward(tmp_path):
+    args = tr.Args(compile=False, cuda=False, reward_scale=1e4)
+    for intrinsic, expected in ((None, "--reward-scale 10000)"),
+                                (tr.RND("rnd", 8, 0, 16), "--reward-scale 10000, --intrinsic-coef 0.5)")):
+        log = tr.TrainingLog("agent", args, str(tmp_path), np.zeros((4, 8)))
+        log.last_values = {"qf_loss": math.nan, "reward_abs_max": 500.0}  # |r_tot| 500: the reward is the suspect
+        with pytest.raises(tr.Diverged) as err:
+            log.check_finite(tr.TD3(8, args, torch.device("cpu"), None, seed=0, intrinsic=intrinsic), 7)
+        log.writer.close()
+        assert f"Likely cause: the reward scale (|r_tot| up to 500; {expected}" in str(err.value)
+        assert ("--intrinsic-coef" in str(err.value)) == (intrinsic is not None)
+
+
 def test_sigterm_stops_training_with_status_interrupted_and_exit_143(tmp_path):
     proc = subprocess.Popen([sys.executable, SCRIPT, *SHORT[:1], "1000000", *SHORT[2:], "--runs-dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
