@@ -33,6 +33,7 @@ import gzip
 import io
 import json
 import math
+import multiprocessing.connection
 import os
 import pickle
 import random
@@ -68,7 +69,8 @@ class Args:
     cuda: bool = True
     """if toggled, cuda is used when available"""
     threads: int = 0
-    """torch intra-op threads (0 keeps torch's default, one per core)"""
+    """torch intra-op threads (0 keeps torch's default, one per core); with a thread for each agent, the agents
+    train side by side, each in its own process with its share"""
     compile: bool = True
     """torch.compile the gradients of the critic, the actor and RND (a few seconds once; needs a C++ compiler)"""
     runs_dir: str = "runs"
@@ -746,15 +748,21 @@ def main(args: Args) -> dict:
         normalizer = StateNormalizer(data.names, args.state_norm_kind, args.log_volume).fit(data.fit_states).to(device)
     run_dir = make_run_dir(args, data.source, "")
     write_scale_summary(run_dir, args, data.names, data.fit_states, normalizer)
+    names = agent_names(args)  # the baseline (w = 0) and the intrinsic agent, on identical seeds
+    intrinsic = {name: RND(args.intrinsic_kind, len(data.names), args.seed, args.rnd_hidden).to(device)
+                 if name == "intrinsic" else None for name in names}
     trained = {}
     with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: end the step, write summary.json, exit 130 / 143
         try:
-            for name in agent_names(args):  # the baseline (w = 0) and the intrinsic agent, on identical seeds
-                intrinsic = RND(args.intrinsic_kind, len(data.names), args.seed, args.rnd_hidden).to(device) \
-                    if name == "intrinsic" else None
-                trained[name] = train_agent(name, args, data, normalizer, device, run_dir, stop, intrinsic)
-                if stop.signum is not None:
-                    return end_early(args, run_dir, trained, signum=stop.signum)
+            if side_by_side(names, device):  # a thread for each agent: each in its own process, at once (machinery)
+                train_side_by_side(names, args, data, normalizer, device, run_dir, stop, intrinsic, trained)
+            else:
+                for name in names:
+                    trained[name] = train_agent(name, args, data, normalizer, device, run_dir, stop, intrinsic[name])
+                    if stop.signum is not None:
+                        break
+            if stop.signum is not None:
+                return end_early(args, run_dir, trained, signum=stop.signum)
         except Diverged as err:
             return end_early(args, run_dir, trained, error=err)
         # Training is over: a signal from here on lets the report (seconds) finish.
@@ -1738,6 +1746,103 @@ def compile_update(agent: TD3) -> None:
     agent.actor_gradients = torch.compile(agent.actor_gradients, options=options)
     if isinstance(agent.intrinsic, RND):
         agent.intrinsic.predictor_gradients = torch.compile(agent.intrinsic.predictor_gradients, options=options)
+
+
+def uncompile_update(agent: TD3) -> None:
+    """Undo compile_update: the plain methods again (a compiled function cannot be pickled)."""
+    for part in [part for part in (agent, agent.intrinsic) if part is not None]:
+        for name in ("critic_gradients", "actor_gradients", "predictor_gradients"):
+            vars(part).pop(name, None)
+
+
+# AGENTS SIDE BY SIDE: one process per agent ---------------------------------------------------------
+def side_by_side(names: list[str], device: torch.device) -> bool:
+    """Each agent in its own process when there is a thread for each (on CPU): at 32 wide an update is per-call
+    overhead that a second thread does not split, so two agents side by side take the time of one."""
+    return len(names) > 1 and device.type == "cpu" and torch.get_num_threads() >= len(names)
+
+
+def train_side_by_side(names: list[str], args: Args, data: MarketData, normalizer: Optional[StateNormalizer],
+                       device: torch.device, run_dir: str, stop, intrinsic: dict, trained: dict) -> None:
+    """train_agent for every agent at once, each in a spawned process with an equal share of the threads: the
+    same seeds, so the same numbers as one after the other. Fills trained in names' order; a divergence stops
+    the other agents (their partial runs fill trained), then the first diverged agent's Diverged is raised."""
+    ctx = multiprocessing.get_context("spawn")  # a fork would copy torch's thread pools in whatever state they are
+    stop_value = ctx.RawValue("i", 0)  # what the processes read as stop.signum: a signal, or -1 after a divergence
+    threads = torch.get_num_threads() // len(names)
+    receivers, processes, results, diverged = {}, {}, {}, {}
+    try:
+        for name in names:
+            receivers[name], sender = ctx.Pipe(duplex=False)
+            # plain pickles both ways: torch would share tensors through file descriptors, in the parent's memory
+            work = pickle.dumps((name, args, data, normalizer, device, run_dir, intrinsic[name]))
+            processes[name] = ctx.Process(target=train_in_process, args=(sender, stop_value, threads, work),
+                                          daemon=True)
+            with signals_ignored_by_children():
+                processes[name].start()
+            sender.close()  # else the pipe would stay open after the process ends
+        while pending := [name for name in names if name not in results and name not in diverged]:
+            stop_value.value = stop.signum or (-1 if diverged else 0)
+            ready = multiprocessing.connection.wait([receivers[name] for name in pending], timeout=0.2)
+            for name in (name for name in pending if receivers[name] in ready):
+                try:
+                    result = pickle.loads(receivers[name].recv_bytes())
+                except EOFError:
+                    raise RuntimeError(f"the {name} agent's process ended (exit code {processes[name].exitcode}) "
+                                       "without a result; its error is printed above") from None
+                if "diverged" in result:
+                    diverged[name] = Diverged(*result["diverged"])
+                else:
+                    results[name] = result
+    finally:  # after an error or a second Ctrl-C no process is left running (SIGKILL: they ignore the others)
+        for process in processes.values():
+            if process.is_alive() and len(results) + len(diverged) < len(names):
+                process.kill()
+            process.join()
+    trained.update((name, results[name]) for name in names if name in results)
+    if diverged:
+        raise diverged[next(name for name in names if name in diverged)]
+
+
+@contextlib.contextmanager
+def signals_ignored_by_children():
+    """Processes started here ignore SIGINT and SIGTERM (an ignored signal stays ignored through exec): Ctrl-C,
+    or a scheduler's SIGTERM, reaches every process of the group, and only the parent acts on it."""
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's to set
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train_in_process(sender, stop_value, threads: int, work: bytes) -> None:
+    """One agent in a spawned process (work: train_agent's arguments but stop); its result, or its divergence,
+    goes back through the pipe."""
+    torch.set_num_threads(threads)
+    name, args, data, normalizer, device, run_dir, intrinsic = pickle.loads(work)
+    try:
+        result = train_agent(name, args, data, normalizer, device, run_dir, SharedStop(stop_value), intrinsic)
+    except Diverged as err:
+        result = {"diverged": (str(err), err.agent, err.step)}
+    else:
+        result["log"].writer = None  # closed; a writer cannot be pickled, nor can a compiled function
+        uncompile_update(result["agent"])
+    sender.send_bytes(pickle.dumps(result))
+
+
+class SharedStop:
+    """StopOnSignal's signum in a spawned process: the parent writes it into a shared value."""
+
+    def __init__(self, value):
+        self.value = value
+
+    @property
+    def signum(self) -> Optional[int]:
+        return self.value.value or None
 
 
 class StopOnSignal:

@@ -613,6 +613,73 @@ def test_sigterm_stops_training_with_status_interrupted_and_exit_143(tmp_path):
     assert 0 < summary["steps"]["baseline"] < 1_000_000 and "intrinsic" not in summary["steps"]
 
 
+# --- two agents side by side (--threads 2 or more): a process each ------------------------------------
+SIDE_BY_SIDE = {"total_timesteps": 1500, "learning_starts": 500, "eval_frequency": 500, "market_steps": 2000,
+                "episode_length": 64, "state_norm": True, "compile": False, "cuda": False}
+
+
+def writer_pids(run_dir):
+    """The process that wrote each agent's TensorBoard file (named events.out.tfevents.time.host.pid.n)."""
+    return {name: int(os.listdir(os.path.join(run_dir, name))[0].split(".")[-2]) for name in ("baseline", "intrinsic")}
+
+
+@pytest.fixture
+def threads_restored():
+    """A run with --threads sets this worker's torch threads: put them back for the tests after."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_agents_side_by_side_give_the_numbers_of_one_after_the_other(tmp_path, threads_restored):
+    side = tr.main(tr.Args(threads=2, runs_dir=str(tmp_path / "side"), **SIDE_BY_SIDE))
+    one = tr.main(tr.Args(threads=1, runs_dir=str(tmp_path / "one"), **SIDE_BY_SIDE))
+    pids = writer_pids(side["run_dir"])
+    assert os.getpid() not in pids.values() and len(set(pids.values())) == 2  # a process for each agent
+    assert set(writer_pids(one["run_dir"]).values()) == {os.getpid()}  # one after the other, in this process
+    timing = ("run_dir", "wall_time_s", "sps_learning_phase", "compile_seconds")
+    assert {k: v for k, v in side.items() if k not in timing} == {k: v for k, v in one.items() if k not in timing}
+    for name in ("td3_action_saturation.json", "eval_test.json"):
+        assert read_json(side["run_dir"], name) == read_json(one["run_dir"], name)
+
+
+def test_ctrl_c_stops_agents_side_by_side_with_status_interrupted(tmp_path):
+    """Ctrl-C in a terminal signals every process of its group: the agents' processes leave it to the parent."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, *SHORT[:1], "1000000", *SHORT[2:], "--threads", "2",
+                             "--runs-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 120
+    while sum("events.out" in f for _, _, fs in os.walk(tmp_path) for f in fs) < 2:  # both agents are training
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(2.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.count("SIGINT: stopping after this step") == 1, stderr
+    deadline = time.time() + 10  # no process of the run is left (multiprocessing's resource tracker ends last)
+    with pytest.raises(ProcessLookupError):
+        while time.time() < deadline:
+            os.killpg(proc.pid, 0)
+            time.sleep(0.1)
+    [run_dir] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    summary = read_json(run_dir, "summary.json")
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT" and summary["exit_code"] == 130
+    assert all(0 < summary["steps"][name] < 1_000_000 for name in ("baseline", "intrinsic")), summary
+
+
+def test_a_diverging_agent_side_by_side_stops_the_other(tmp_path, capsys, threads_restored):
+    code, err = run_cli(capsys, *SHORT[:1], "1000000", *SHORT[2:], "--intrinsic-coef", "1e30", "--threads", "2",
+                        "--runs-dir", str(tmp_path))
+    [run_dir] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    summary = read_json(run_dir, "summary.json")
+    assert code == 1 and summary["status"] == "diverged", err
+    step = summary["steps"]["intrinsic"]
+    assert 500 < step <= 500 + tr.LOG_EVERY_UPDATES  # |r_tot| ~ 1e30: the first logged loss is inf
+    assert err.startswith(f"error: [intrinsic] training diverged at step {step}: ") and "--intrinsic-coef 1e+30" in err
+    assert 0 < summary["steps"]["baseline"] < 1_000_000  # stopped, not left to run its million steps
+
+
 def test_a_signal_once_training_is_over_lets_the_report_finish(tmp_path, monkeypatch, capsys):
     """Ctrl-C while the final test split is evaluated: training is done, so the report (seconds) completes."""
     final_paired = tr.final_paired
