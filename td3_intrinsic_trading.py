@@ -36,6 +36,7 @@ import math
 import multiprocessing.connection
 import os
 import pickle
+import queue
 import random
 import re
 import shutil
@@ -1769,36 +1770,38 @@ def train_side_by_side(names: list[str], args: Args, data: MarketData, normalize
     the other agents (their partial runs fill trained), then the first diverged agent's Diverged is raised."""
     ctx = multiprocessing.get_context("spawn")  # a fork would copy torch's thread pools in whatever state they are
     stop_value = ctx.RawValue("i", 0)  # what the processes read as stop.signum: a signal, or -1 after a divergence
+    work, done = ctx.Queue(), ctx.Queue()  # queues: starting a process never waits for it to read its arguments
     threads = torch.get_num_threads() // len(names)
-    receivers, processes, results, diverged = {}, {}, {}, {}
+    processes = [ctx.Process(target=train_in_process, args=(work, done, stop_value, threads), daemon=True)
+                 for _ in names]
+    results, diverged = {}, {}
     try:
-        for name in names:
-            receivers[name], sender = ctx.Pipe(duplex=False)
-            # plain pickles both ways: torch would share tensors through file descriptors, in the parent's memory
-            work = pickle.dumps((name, args, data, normalizer, device, run_dir, intrinsic[name]))
-            processes[name] = ctx.Process(target=train_in_process, args=(sender, stop_value, threads, work),
-                                          daemon=True)
-            with signals_ignored_by_children():
-                processes[name].start()
-            sender.close()  # else the pipe would stay open after the process ends
-        while pending := [name for name in names if name not in results and name not in diverged]:
+        with signals_ignored_by_children():
+            for process in processes:
+                process.start()
+        for name in names:  # plain pickles: torch would share tensors through file descriptors, in this memory
+            work.put(pickle.dumps((name, args, data, normalizer, device, run_dir, intrinsic[name])))
+        while len(results) + len(diverged) < len(names):
             stop_value.value = stop.signum or (-1 if diverged else 0)
-            ready = multiprocessing.connection.wait([receivers[name] for name in pending], timeout=0.2)
-            for name in (name for name in pending if receivers[name] in ready):
-                try:
-                    result = pickle.loads(receivers[name].recv_bytes())
-                except EOFError:
-                    raise RuntimeError(f"the {name} agent's process ended (exit code {processes[name].exitcode}) "
-                                       "without a result; its error is printed above") from None
-                if "diverged" in result:
-                    diverged[name] = Diverged(*result["diverged"])
-                else:
-                    results[name] = result
+            try:
+                name, result = pickle.loads(done.get(timeout=0.2))
+            except queue.Empty:
+                failed = [process.exitcode for process in processes if process.exitcode not in (None, 0)]
+                if failed:
+                    raise RuntimeError(f"an agent's process ended (exit code {failed[0]}) without a result; its "
+                                       "error is printed above") from None
+                continue
+            if "diverged" in result:
+                diverged[name] = Diverged(*result["diverged"])
+            else:
+                results[name] = result
     finally:  # after an error or a second Ctrl-C no process is left running (SIGKILL: they ignore the others)
-        for process in processes.values():
+        work.cancel_join_thread()  # work no process took is dropped: exiting never waits on it
+        for process in processes:
             if process.is_alive() and len(results) + len(diverged) < len(names):
                 process.kill()
-            process.join()
+            if process.pid is not None:
+                process.join()
     trained.update((name, results[name]) for name in names if name in results)
     if diverged:
         raise diverged[next(name for name in names if name in diverged)]
@@ -1819,11 +1822,11 @@ def signals_ignored_by_children():
             signal.signal(sig, handler)
 
 
-def train_in_process(sender, stop_value, threads: int, work: bytes) -> None:
-    """One agent in a spawned process (work: train_agent's arguments but stop); its result, or its divergence,
-    goes back through the pipe."""
+def train_in_process(work, done, stop_value, threads: int) -> None:
+    """One agent in a spawned process: train_agent's arguments (but stop) from the work queue; the result, or
+    the divergence, onto the done queue."""
     torch.set_num_threads(threads)
-    name, args, data, normalizer, device, run_dir, intrinsic = pickle.loads(work)
+    name, args, data, normalizer, device, run_dir, intrinsic = pickle.loads(work.get())
     try:
         result = train_agent(name, args, data, normalizer, device, run_dir, SharedStop(stop_value), intrinsic)
     except Diverged as err:
@@ -1831,7 +1834,7 @@ def train_in_process(sender, stop_value, threads: int, work: bytes) -> None:
     else:
         result["log"].writer = None  # closed; a writer cannot be pickled, nor can a compiled function
         uncompile_update(result["agent"])
-    sender.send_bytes(pickle.dumps(result))
+    done.put(pickle.dumps((name, result)))
 
 
 class SharedStop:

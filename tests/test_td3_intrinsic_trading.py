@@ -596,7 +596,8 @@ def test_the_divergence_message_names_the_intrinsic_coef_only_where_there_is_an_
 
 
 def test_sigterm_stops_training_with_status_interrupted_and_exit_143(tmp_path):
-    proc = subprocess.Popen([sys.executable, SCRIPT, *SHORT[:1], "1000000", *SHORT[2:], "--runs-dir", str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, SCRIPT, *SHORT[:1], "1000000", *SHORT[2:], "--threads", "1",  # in turn
+                             "--runs-dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 120
     while not any("events.out" in f for _, _, fs in os.walk(tmp_path) for f in fs):  # training has started
@@ -614,7 +615,7 @@ def test_sigterm_stops_training_with_status_interrupted_and_exit_143(tmp_path):
 
 
 # --- two agents side by side (--threads 2 or more): a process each ------------------------------------
-SIDE_BY_SIDE = {"total_timesteps": 1500, "learning_starts": 500, "eval_frequency": 500, "market_steps": 2000,
+SIDE_BY_SIDE = {"total_timesteps": 800, "learning_starts": 400, "eval_frequency": 400, "market_steps": 1000,
                 "episode_length": 64, "state_norm": True, "compile": False, "cuda": False}
 
 
@@ -678,6 +679,19 @@ def test_a_diverging_agent_side_by_side_stops_the_other(tmp_path, capsys, thread
     assert 500 < step <= 500 + tr.LOG_EVERY_UPDATES  # |r_tot| ~ 1e30: the first logged loss is inf
     assert err.startswith(f"error: [intrinsic] training diverged at step {step}: ") and "--intrinsic-coef 1e+30" in err
     assert 0 < summary["steps"]["baseline"] < 1_000_000  # stopped, not left to run its million steps
+
+
+def test_an_agent_process_that_dies_is_an_error_not_a_hang(tmp_path):
+    """A script calling main() without the `if __name__ == "__main__":` guard: each spawned process runs it
+    again, which Python refuses, so the processes die before training; the run must end with that said."""
+    script = tmp_path / "unguarded.py"
+    script.write_text("import td3_intrinsic_trading as tr\n"
+                      f"tr.main(tr.Args(threads=2, market_steps=1000, compile=False, runs_dir={str(tmp_path)!r}))\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 1
+    assert "RuntimeError: an agent's process ended (exit code 1) without a result" in result.stderr
+    assert "if __name__ == '__main__':" in result.stderr  # Python's own explanation, from the processes
 
 
 def test_a_signal_once_training_is_over_lets_the_report_finish(tmp_path, monkeypatch, capsys):
