@@ -33,7 +33,7 @@ import gzip
 import io
 import json
 import math
-import multiprocessing.connection
+import multiprocessing
 import os
 import pickle
 import queue

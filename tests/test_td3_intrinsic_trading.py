@@ -670,15 +670,15 @@ def test_ctrl_c_stops_agents_side_by_side_with_status_interrupted(tmp_path):
 
 
 def test_a_diverging_agent_side_by_side_stops_the_other(tmp_path, capsys, threads_restored):
-    code, err = run_cli(capsys, *SHORT[:1], "1000000", *SHORT[2:], "--intrinsic-coef", "1e30", "--threads", "2",
-                        "--runs-dir", str(tmp_path))
+    code, err = run_cli(capsys, *SHORT[:1], "20000", *SHORT[2:], "--intrinsic-coef", "1e30", "--threads", "2",
+                        "--runs-dir", str(tmp_path))  # 20 000 steps: an agent left running ends, and fails below
     [run_dir] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
     summary = read_json(run_dir, "summary.json")
     assert code == 1 and summary["status"] == "diverged", err
     step = summary["steps"]["intrinsic"]
     assert 500 < step <= 500 + tr.LOG_EVERY_UPDATES  # |r_tot| ~ 1e30: the first logged loss is inf
     assert err.startswith(f"error: [intrinsic] training diverged at step {step}: ") and "--intrinsic-coef 1e+30" in err
-    assert 0 < summary["steps"]["baseline"] < 1_000_000  # stopped, not left to run its million steps
+    assert 0 < summary["steps"]["baseline"] < 20000  # stopped, not left to run its steps
 
 
 def test_an_agent_process_that_dies_is_an_error_not_a_hang(tmp_path):
