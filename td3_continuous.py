@@ -161,7 +161,7 @@ class Actor(nn.Module):
 
 
 class QNetwork(nn.Module):
-    """Q(s, a): an MLP on concat(s, a). FORK: a critic layer (nn.LayerNorm, ...) goes here, both critics get it."""
+    """Q(s, a): an MLP on concat(s, a). FORK: a layer (nn.LayerNorm, nn.Dropout, ...) goes here, both critics get it."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, int]):
         super().__init__()
@@ -191,7 +191,11 @@ class TwinQ(nn.Module):
         """[Q1, Q2] as a [2, batch] tensor."""
         def one_critic(*weights):
             return torch.func.functional_call(self.architecture[0], dict(zip(self.names, weights)), (obs, actions))
-        return torch.vmap(one_critic)(*self.stacked)
+        return torch.vmap(one_critic, randomness="different")(*self.stacked)  # dropout: a mask per critic
+
+    def train(self, mode: bool = True) -> "TwinQ":
+        self.architecture[0].train(mode)  # no submodule, so .train() and .eval() must reach it here (dropout)
+        return super().train(mode)
 
     def q1(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q1 alone: the actor's objective (TD3 differentiates the first critic only)."""
@@ -297,10 +301,9 @@ class TD3:
 
     def __init__(self, obs_dim: int, action_space: gym.spaces.Box, args: Args, device: torch.device):
         self.args, self.device = args, device
-        self.actor = Actor(obs_dim, action_space.low, action_space.high, args.hidden_sizes).to(device)
-        self.qf = TwinQ(obs_dim, action_space.shape[0], args.hidden_sizes).to(device)
-        self.actor.requires_grad_(False)
-        self.qf.requires_grad_(False)
+        low, high = action_space.low, action_space.high
+        self.actor = Actor(obs_dim, low, high, args.hidden_sizes).to(device).requires_grad_(False)
+        self.qf = TwinQ(obs_dim, action_space.shape[0], args.hidden_sizes).to(device).requires_grad_(False)
         self.actor_target, self.qf_target = copy.deepcopy(self.actor), copy.deepcopy(self.qf)
         # FORK: the optimizer. Any torch.optim optimizer works here (e.g. torch.optim.AdamW);
         # fused=True runs Adam as one C++ kernel for all tensors instead of ~10 ops per tensor.
@@ -709,10 +712,9 @@ class RunFolder:
         write_evaluations_csv(os.path.join(self.dir, "evaluations.csv"), history)
         save_learning_curve(os.path.join(self.dir, "learning_curve.png"), history, f"TD3 {self.args.env_id}, "
                                                                                    f"seed {self.args.seed}")
+        audited = ("near_bound_ratio", "kappa_mean", "actor_grad_norm", "q_twin_gap")
         scalars = {"eval/episodic_return": result["mean"], "eval/episodic_return_std": result["std"],
-                   "eval/value_bias": result["value_bias"]}
-        scalars.update({f"audit/{k}": saturation[k] for k in ("near_bound_ratio", "kappa_mean", "actor_grad_norm",
-                                                               "q_twin_gap")})
+                   "eval/value_bias": result["value_bias"], **{f"audit/{k}": saturation[k] for k in audited}}
         for name, value in scalars.items():
             if value is not None:
                 self.writer.add_scalar(name, value, step)
@@ -847,9 +849,8 @@ def agent_state(agent: TD3) -> dict:
 
 
 def load_agent_state(agent: TD3, state: dict) -> None:
-    for name in AGENT_PARTS:
-        if getattr(agent, name) is not None:
-            getattr(agent, name).load_state_dict(state[name])
+    for name in [name for name in AGENT_PARTS if getattr(agent, name) is not None]:  # the normalizer may be off
+        getattr(agent, name).load_state_dict(state[name])
     agent.n_updates = state["n_updates"]
 
 
@@ -944,8 +945,7 @@ class StopOnSignal:
     at each step boundary and the run writes its files first. A second signal stops at once."""
 
     def __enter__(self) -> "StopOnSignal":
-        self.signum: Optional[int] = None
-        self._previous = {}
+        self.signum, self._previous = None, {}  # the signal received; the handlers to put back
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -972,14 +972,14 @@ def parse_cli(args_type, argv: Optional[list[str]] = None):
     except SystemExit as exit_:
         if exit_.code in (0, None):
             raise
-        # tyro draws a box: its title and the text before its first rule make the line
-        title, _, body = captured.getvalue().split("│ ─")[0].partition("\n")
-        print(f"error: {box_text(title)}: {box_text(body)} (see --help)", file=sys.stderr)
+        # tyro's box (rules of ─, or - where stdout is not UTF-8): title, text to the next rule, guesses for a typo
+        lines = [re.sub(r"[╭╮╰╯│]", "", line).strip() for line in captured.getvalue().splitlines()]
+        between_rules = "\n".join("\0" if line and not line.strip("─-") else line for line in lines[1:]).split("\0")
+        title, (body, *more) = lines[0].strip("─ "), [" ".join(s.split()) for s in between_rules if s.strip()]
+        guesses = [flag.rstrip(",") for s in more if s.startswith("Perhaps") for flag in s.split() if flag[:2] == "--"]
+        hint = f" (did you mean {' or '.join(dict.fromkeys(guesses))}?)" if guesses else ""
+        print(f"error: {body if body.startswith(title) else f'{title}: {body}'}{hint} (see --help)", file=sys.stderr)
         sys.exit(2)
-
-
-def box_text(text: str) -> str:
-    return " ".join(re.sub(r"[╭╮╰╯│─]", " ", text).split())
 
 
 def run_command_line(main_fn, args_type) -> None:

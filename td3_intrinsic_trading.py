@@ -4,7 +4,8 @@ Why can an intrinsic reward move the critic's values while the actor does not mo
   1. Scale: raw features (prices ~1e2, volume ~1e6, equity ~1e5) push the tanh actor's pre-activation so
      far out that kappa = 1 - (a/a_max)^2 is 0: the actor is frozen at the bound. `--state-norm` removes it.
   2. Action gap: r_tot = r_env + w*r_int only changes the greedy action if w*supDelta exceeds the action
-     gap; an action-independent r_int (plain RND on s') raises every action's value alike (see the toy).
+     gap; a nearly action-independent r_int (plain RND on s': the action shows only in s'[position] and
+     s'[equity]) raises every action's value almost alike (see the toy).
   3. Out of sample, a normalizer fitted on the train split cannot tame a trending level: `--state-norm`
      first makes price and equity relative; the shift audit shows `--no-stationary` failing.
 
@@ -144,7 +145,7 @@ class Args:
     learning_rate: float = 3e-5
     """the learning rate of both optimizers (low: the reward's noise is ~10x its action-dependent drift)"""
     hidden_size: int = 32
-    """width of the two hidden layers of the actor and of each critic (small: 7000 train steps to fit)"""
+    """width of the two hidden layers of the actor and of each critic (small: ~7000 train steps to fit)"""
     buffer_size: int = int(1e6)
     """the replay memory buffer size"""
     gamma: float = 0.5
@@ -202,10 +203,10 @@ WARMUP = 20  # the longest feature window (MA20): the first usable step
 
 def market_features(close: np.ndarray, volume: np.ndarray, stationary: bool = False) -> dict:
     """FORK: an observation feature. name -> [n] array; row t uses data up to t only (no look-ahead),
-    rows < WARMUP are NaN; every index elsewhere comes from these names. stationary: log(C_t / max
-    C_{t-19..t}) replaces the close. A level trends out of any range fitted on the past (the synthetic
-    close ends x73 above its start), so a z-score fitted on the train split puts test prices at +10;
-    a ratio of two prices means the same in every year and under any scaling of the series."""
+    rows < WARMUP are NaN (a longer window needs a larger WARMUP); every index elsewhere comes from these
+    names. stationary: log(C_t / max C_{t-19..t}) replaces the close. A level trends out of any range fitted
+    on the past (the synthetic close ends x73 above its start), so a z-score fitted on the train split puts
+    test prices at +10; a ratio of two prices means the same in every year and under any scaling of the series."""
     window = lambda x, k: np.lib.stride_tricks.sliding_window_view(x, k)[WARMUP - k + 1:]  # noqa: E731  (ending at t)
     pad = lambda x: np.concatenate([np.full(WARMUP, np.nan), x])  # noqa: E731  (rows t >= WARMUP)
     log_ret = np.concatenate([[np.nan], np.diff(np.log(close))])
@@ -314,7 +315,7 @@ class Actor(nn.Module):
 
 
 class QNetwork(nn.Module):
-    """Q(s, a): an MLP on concat(s, a). FORK: a critic layer (nn.LayerNorm, ...) goes here, both critics get it."""
+    """Q(s, a): an MLP on concat(s, a). FORK: a layer (nn.LayerNorm, nn.Dropout, ...) goes here, both critics get it."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, int]):
         super().__init__()
@@ -344,7 +345,11 @@ class TwinQ(nn.Module):
         """[Q1, Q2] as a [2, batch] tensor."""
         def one_critic(*weights):
             return torch.func.functional_call(self.architecture[0], dict(zip(self.names, weights)), (obs, actions))
-        return torch.vmap(one_critic)(*self.stacked)
+        return torch.vmap(one_critic, randomness="different")(*self.stacked)  # dropout: a mask per critic
+
+    def train(self, mode: bool = True) -> "TwinQ":
+        self.architecture[0].train(mode)  # no submodule, so .train() and .eval() must reach it here (dropout)
+        return super().train(mode)
 
     def q1(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q1 alone: the actor's objective (TD3 differentiates the first critic only)."""
@@ -459,7 +464,8 @@ def reference_states(env: TradingEnv, seed: int) -> np.ndarray:
 
 # INTRINSIC REWARD -------------------------------------------------------------------------------
 class RND(nn.Module):
-    """FORK: another intrinsic reward: any callable (obs, actions, next_obs) -> r_int, one per sample.
+    """FORK: another intrinsic reward: any nn.Module (obs, actions, next_obs) -> r_int, one per sample, on raw
+    states; build it in main. Define it at module level: side by side, each agent's process gets it by pickle.
 
     Random Network Distillation (Burda et al. 2018): novelty = the error of a trained predictor against
     a fixed random network. "rnd" looks at s' only: it depends on the action just through s'[position]
@@ -579,9 +585,10 @@ class TD3:
 
     @torch.inference_mode()
     def explore(self, obs: np.ndarray) -> np.ndarray:
-        """pi(s) + N(0, exploration_noise), clipped to [-1, 1]."""
+        """pi(s) + N(0, exploration_noise * scale), clipped to the bounds."""
         a = self.actor(self.norm(torch.as_tensor(obs[None], dtype=torch.float32, device=self.device)))
-        a += torch.randn(a.shape, generator=self.generator, device=self.device) * self.args.exploration_noise
+        noise = torch.randn(a.shape, generator=self.generator, device=self.device)
+        a += noise * (self.args.exploration_noise * self.actor.action_scale)
         return torch.clamp(a, self.action_low, self.action_high)[0].cpu().numpy()
 
     def critic_gradients(self, obs, actions, rewards, terminations, next_obs, noise):
@@ -742,7 +749,8 @@ def main(args: Args) -> dict:
         return evaluate_checkpoint(args, device)
     data = prepare_data(args, *load_market(args))
     check_split_lengths(data, args)
-    # --state-norm: fitted once on a random-action rollout over the train split, then frozen
+    # reference states, from a random-action rollout over the train split: --state-norm's fit sample (then
+    # frozen), and the states on which the audit compares the two critics
     data.fit_states = reference_states(trading_env(data, "train", args, training=False), args.seed)
     normalizer = None
     if args.state_norm:
@@ -750,6 +758,7 @@ def main(args: Args) -> dict:
     run_dir = make_run_dir(args, data.source, "")
     write_scale_summary(run_dir, args, data.names, data.fit_states, normalizer)
     names = agent_names(args)  # the baseline (w = 0) and the intrinsic agent, on identical seeds
+    # the intrinsic agent's bonus r_int (FORK: build another intrinsic reward here)
     intrinsic = {name: RND(args.intrinsic_kind, len(data.names), args.seed, args.rnd_hidden).to(device)
                  if name == "intrinsic" else None for name in names}
     trained = {}
@@ -793,7 +802,7 @@ SPLIT_TOLERANCE = math.log(1.15)  # a split day's own move is within +-15%
 # (else it lists every cause): this script's scales are lr ~ 3e-5 and |r_tot| ~ 1-10.
 DIVERGENCE_HINTS = {"learning_rate": 1e-3, "reward": 100.0}
 EXIT_CODES = {"completed": 0, "diverged": 1}  # interrupted: 128 + the signal (130 SIGINT, 143 SIGTERM)
-MODEL_FORMAT = "td3_intrinsic_trading/4"  # bumped when the keys or their meaning change (features: by their names)
+MODEL_FORMAT = "td3_intrinsic_trading/5"  # bumped when the keys or their meaning change (features: by their names)
 
 
 class UserError(Exception):
@@ -1035,8 +1044,8 @@ def trading_env(data: MarketData, split: str, args: Args, training: bool) -> Tra
 
 
 def agent_names(args: Args) -> list[str]:
-    """baseline (w = 0) unless --no-paired; intrinsic unless --intrinsic-kind none."""
-    names = ["baseline"] if args.paired or args.intrinsic_kind == "none" else []
+    """baseline (w = 0) unless --no-paired; intrinsic unless --intrinsic-kind none (check_args refuses both)."""
+    names = ["baseline"] if args.paired else []
     return names + (["intrinsic"] if args.intrinsic_kind != "none" else [])
 
 
@@ -1122,7 +1131,7 @@ class TrainingLog:
 
     def restore_best(self, agent: TD3) -> None:
         """--keep-best: the reward's noise is 10x its action-dependent drift, so a critic trained long
-        enough fits the noise of the 7000 train steps; validation Sharpe says when that starts. The kept
+        enough fits the noise of the ~7000 train steps; validation Sharpe says when that starts. The kept
         step's actor, critic and their targets: model.pt then holds one consistent agent."""
         for part, state in (self.best_state or {}).items():  # no evaluation after learning started: the final one
             getattr(agent, part).load_state_dict(state)
@@ -1190,7 +1199,7 @@ def report(args: Args, run_dir: str, data: MarketData, normalizer: Optional[Stat
         saturation["paired"] = {**paired, "history": per_eval}
     write_json_atomic(os.path.join(run_dir, "td3_action_saturation.json"), saturation)
     if args.save_model:
-        save_model(os.path.join(run_dir, "model.pt"), args, data, agents, fit_range)
+        save_model(os.path.join(run_dir, "model.pt"), args, data, agents, fit_range, selected)
     val = {name: res["metrics"] for name, res in result["results"]["val"].items()}  # the kept agents'
     summary = {"status": "completed", "exit_code": EXIT_CODES["completed"], "run_dir": run_dir, "seed": args.seed,
                "state_norm": args.state_norm, "stationary": args.state_norm and args.stationary,
@@ -1420,9 +1429,9 @@ def parse_dates(texts: list[str], row_nos: list[int]) -> list:
     dates = fits[0][1]
     zoned = [d.tzinfo is not None for d in dates]
     if any(zoned) and not all(zoned):
-        i, j = zoned.index(not zoned[0]), 0
+        i = zoned.index(not zoned[0])  # the first row that differs from the first row
         raise UserError(f"row {row_nos[i]}: timestamp '{texts[i]}' has {'a' if zoned[i] else 'no'} time zone, "
-                        f"row {row_nos[j]}'s ('{texts[j]}') {'has one' if zoned[j] else 'has none'}: give every "
+                        f"row {row_nos[0]}'s ('{texts[0]}') {'has one' if zoned[0] else 'has none'}: give every "
                         "timestamp the same convention")
     return dates
 
@@ -1579,12 +1588,13 @@ def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
 AGENT_PARTS = ("actor", "qf", "actor_target", "qf_target")
 
 
-def save_model(path: str, args: Args, data: MarketData, agents: dict, fit_range: tuple) -> None:
-    """model.pt: every agent's networks and normalizer with the settings that built them, as tensors and
-    plain values (torch.load(weights_only=True) reads it without running code)."""
+def save_model(path: str, args: Args, data: MarketData, agents: dict, fit_range: tuple, selected: dict) -> None:
+    """model.pt: every agent's networks and normalizer with the settings that built them and the step they were
+    kept at, as tensors and plain values (torch.load(weights_only=True) reads it without running code)."""
     model = {"format": MODEL_FORMAT, "args": dataclasses.asdict(args), "feature_names": data.names,
              "vol_filter_threshold": data.vol_threshold, "fit_range": [r.tolist() for r in fit_range],
-             "agents": {name: {"normalizer": agent.normalizer.state_dict() if agent.normalizer else None,
+             "agents": {name: {"selected_step": selected[name],
+                               "normalizer": agent.normalizer.state_dict() if agent.normalizer else None,
                                **{part: getattr(agent, part).state_dict() for part in AGENT_PARTS}}
                         for name, agent in agents.items()}}
     replace_atomic(path, lambda tmp: torch.save(model, tmp))  # never a half-written model
@@ -1669,16 +1679,18 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
         "agents": {name: {args.eval_split: sat[args.eval_split]} for name, sat in result["saturation"].items()},
         "paired": paired})
     write_json_atomic(os.path.join(run_dir, "shift_audit.json"), {"split": args.eval_split, "agents": result["shift"]})
+    selected = {name: state["selected_step"] for name, state in model["agents"].items()}
     summary = {"status": "completed", "exit_code": EXIT_CODES["completed"], "run_dir": run_dir,
-               "checkpoint": args.checkpoint, "split": args.eval_split, "source": data.source,
-               "settings": settings, "periods_per_year": data.periods_per_year, "frequency": data.frequency,
+               "checkpoint": args.checkpoint, "selected_step": selected, "split": args.eval_split,
+               "source": data.source, "settings": settings, "periods_per_year": data.periods_per_year,
+               "frequency": data.frequency,
                "vol_filter_threshold": {"value": data.vol_threshold, "from": threshold},
                args.eval_split: result["eval"], "paired": paired,
                "saturation": {name: s[args.eval_split] for name, s in result["saturation"].items()}}
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     print("settings: " + ", ".join(f"{name} {s['value']} ({s['from']})" for name, s in settings.items()))
     print(f"vol_filter threshold {data.vol_threshold:.4g}: {threshold}")
-    print_table(result["eval"], summary["saturation"], "the saved agents", None,
+    print_table(result["eval"], summary["saturation"], f"the saved agents, kept at steps {selected}", None,
                 {"policies": "the saved agents (each its kept step: not the training audit's final pair)",
                  "paired": paired, "diagnosis": None,
                  "near_bound": {name: sat["near_bound_ratio"] for name, sat in summary["saturation"].items()}})
@@ -1827,25 +1839,32 @@ def train_in_process(work, done, stop_value, threads: int) -> None:
     the divergence, onto the done queue."""
     torch.set_num_threads(threads)
     name, args, data, normalizer, device, run_dir, intrinsic = pickle.loads(work.get())
+    stop = SharedStop(stop_value)
     try:
-        result = train_agent(name, args, data, normalizer, device, run_dir, SharedStop(stop_value), intrinsic)
+        result = train_agent(name, args, data, normalizer, device, run_dir, stop, intrinsic)
     except Diverged as err:
         result = {"diverged": (str(err), err.agent, err.step)}
     else:
         result["log"].writer = None  # closed; a writer cannot be pickled, nor can a compiled function
         uncompile_update(result["agent"])
-    done.put(pickle.dumps((name, result)))
+    if not stop.orphaned:  # else nobody reads it, and a full queue would keep this process from exiting
+        done.put(pickle.dumps((name, result)))
 
 
 class SharedStop:
-    """StopOnSignal's signum in a spawned process: the parent writes it into a shared value."""
+    """StopOnSignal's signum in a spawned process: the parent writes it into a shared value. A parent killed
+    with SIGKILL cannot write it: a process whose parent is gone stops too, rather than train for nobody."""
 
     def __init__(self, value):
-        self.value = value
+        self.value, self.parent = value, os.getppid()
+
+    @property
+    def orphaned(self) -> bool:
+        return os.getppid() != self.parent  # an orphan is adopted by another process
 
     @property
     def signum(self) -> Optional[int]:
-        return self.value.value or None
+        return signal.SIGKILL if self.orphaned else self.value.value or None
 
 
 class StopOnSignal:
@@ -1853,8 +1872,7 @@ class StopOnSignal:
     at each step boundary and the run writes its files first. A second signal stops at once."""
 
     def __enter__(self) -> "StopOnSignal":
-        self.signum: Optional[int] = None
-        self._previous = {}
+        self.signum, self._previous = None, {}  # the signal received; the handlers to put back
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -1881,14 +1899,14 @@ def parse_cli(args_type, argv: Optional[list[str]] = None):
     except SystemExit as exit_:
         if exit_.code in (0, None):
             raise
-        # tyro draws a box: its title and the text before its first rule make the line
-        title, _, body = captured.getvalue().split("│ ─")[0].partition("\n")
-        print(f"error: {box_text(title)}: {box_text(body)} (see --help)", file=sys.stderr)
+        # tyro's box (rules of ─, or - where stdout is not UTF-8): title, text to the next rule, guesses for a typo
+        lines = [re.sub(r"[╭╮╰╯│]", "", line).strip() for line in captured.getvalue().splitlines()]
+        between_rules = "\n".join("\0" if line and not line.strip("─-") else line for line in lines[1:]).split("\0")
+        title, (body, *more) = lines[0].strip("─ "), [" ".join(s.split()) for s in between_rules if s.strip()]
+        guesses = [flag.rstrip(",") for s in more if s.startswith("Perhaps") for flag in s.split() if flag[:2] == "--"]
+        hint = f" (did you mean {' or '.join(dict.fromkeys(guesses))}?)" if guesses else ""
+        print(f"error: {body if body.startswith(title) else f'{title}: {body}'}{hint} (see --help)", file=sys.stderr)
         sys.exit(2)
-
-
-def box_text(text: str) -> str:
-    return " ".join(re.sub(r"[╭╮╰╯│─]", " ", text).split())
 
 
 def run_command_line(main_fn, args_type) -> None:

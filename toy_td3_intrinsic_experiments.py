@@ -508,14 +508,14 @@ def parse_cli(args_type, argv: Optional[list[str]] = None):
     except SystemExit as exit_:
         if exit_.code in (0, None):
             raise
-        # tyro draws a box: its title and the text before its first rule make the line
-        title, _, body = captured.getvalue().split("│ ─")[0].partition("\n")
-        print(f"error: {box_text(title)}: {box_text(body)} (see --help)", file=sys.stderr)
+        # tyro's box (rules of ─, or - where stdout is not UTF-8): title, text to the next rule, guesses for a typo
+        lines = [re.sub(r"[╭╮╰╯│]", "", line).strip() for line in captured.getvalue().splitlines()]
+        between_rules = "\n".join("\0" if line and not line.strip("─-") else line for line in lines[1:]).split("\0")
+        title, (body, *more) = lines[0].strip("─ "), [" ".join(s.split()) for s in between_rules if s.strip()]
+        guesses = [flag.rstrip(",") for s in more if s.startswith("Perhaps") for flag in s.split() if flag[:2] == "--"]
+        hint = f" (did you mean {' or '.join(dict.fromkeys(guesses))}?)" if guesses else ""
+        print(f"error: {body if body.startswith(title) else f'{title}: {body}'}{hint} (see --help)", file=sys.stderr)
         sys.exit(2)
-
-
-def box_text(text: str) -> str:
-    return " ".join(re.sub(r"[╭╮╰╯│─]", " ", text).split())
 
 
 def replace_atomic(path: str, write) -> None:

@@ -15,10 +15,10 @@ TD3_SCRIPTS = ("td3_continuous.py", "td3_intrinsic_trading.py")
 # what both TD3 scripts carry: the TD3 pieces, the audit's statistics, files, faults and the command line
 TD3_SHARED = ("Actor", "QNetwork", "TwinQ", "ReplayBuffer", "RunningMeanStd", "smoothing_noise", "td3_target",
               "soft_update_", "optimizer_step", "kappa", "scale_stats", "p99_abs_spread", "replace_atomic",
-              "write_json_atomic", "UserError", "StopOnSignal", "parse_cli", "box_text", "run_command_line",
+              "write_json_atomic", "UserError", "StopOnSignal", "parse_cli", "run_command_line",
               "require_cxx_compiler")
 # ... and what the toy carries too
-ALL_SHARED = ("kappa", "replace_atomic", "write_json_atomic", "UserError", "parse_cli", "box_text")
+ALL_SHARED = ("kappa", "replace_atomic", "write_json_atomic", "UserError", "parse_cli")
 
 
 def top_level_sources(script: str) -> dict:

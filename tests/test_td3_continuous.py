@@ -678,15 +678,18 @@ def test_sigterm_without_checkpoints_exits_143_with_a_summary(tmp_path):
 
 # --- forks: what a researcher changes, with the default (compiled) flags ----------------------------
 class LayerNormQNetwork(td3.QNetwork):
-    """The fork of the issue: nn.LayerNorm after each hidden layer of the critic (QNetwork is the one place)."""
+    """The fork of the issue: nn.LayerNorm after each hidden layer of the critic (QNetwork is the one place),
+    and dropout before the output (DroQ's critic)."""
 
     def __init__(self, obs_dim, action_dim, hidden_sizes):
         super().__init__(obs_dim, action_dim, hidden_sizes)
         self.ln1, self.ln2 = torch.nn.LayerNorm(hidden_sizes[0]), torch.nn.LayerNorm(hidden_sizes[1])
+        self.dropout = torch.nn.Dropout(0.5)
 
     def forward(self, obs, actions):
         x = torch.cat([obs, actions], dim=-1)
-        return self.fc3(torch.relu(self.ln2(self.fc2(torch.relu(self.ln1(self.fc1(x))))))).squeeze(-1)
+        x = torch.relu(self.ln2(self.fc2(torch.relu(self.ln1(self.fc1(x))))))
+        return self.fc3(self.dropout(x)).squeeze(-1)
 
 
 @pytest.mark.xdist_group("compiled_td3")
@@ -695,6 +698,11 @@ def test_forks_layernorm_critic_adamw_and_a_scheduler_run_compiled(monkeypatch):
     agent = make_agent(compile=True)
     names = dict(zip(agent.qf.names, agent.qf.stacked))
     assert "ln1.weight" in names and names["ln1.weight"].shape == (2, 64)  # both critics got their LayerNorms
+    obs, actions = torch.randn(8, 3), torch.zeros(8, 1)
+    assert not torch.equal(agent.qf(obs, actions), agent.qf(obs, actions))  # dropout draws new masks each call
+    agent.qf.eval()
+    assert torch.equal(agent.qf(obs, actions), agent.qf(obs, actions))  # ... in training mode only
+    agent.qf.train()
     # the optimizer fork: one line, any torch.optim optimizer, stepping the gradients torch.func put in p.grad
     agent.q_optimizer = torch.optim.AdamW(agent.qf.parameters(), lr=1e-3, weight_decay=0.5)
     before = [p.detach().clone() for p in agent.qf.parameters()]

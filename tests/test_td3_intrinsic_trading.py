@@ -1,7 +1,9 @@
 """Tests of td3_intrinsic_trading.py: env, data, metrics and normalizer by hand; the freeze by a real run."""
 
+import contextlib
 import copy
 import functools
+import io
 import json
 import math
 import os
@@ -303,6 +305,22 @@ def test_bad_inputs_from_the_command_line_are_one_line_exit_2(tmp_path, capsys):
     code, err = run_cli(capsys, "--total-timesteps", "300", "--learning-starts", "100", "--market-steps", "600",
                         "--episode-length", "64", "--no-compile", "--runs-dir", str(tmp_path / "a_file"))
     assert code == 2 and err.startswith(f"error: cannot make the run folder under --runs-dir '{tmp_path / 'a_file'}'")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_a_flag_tyro_rejects_is_one_line_with_its_guess(capsys, monkeypatch, encoding):
+    """tyro's boxed message as one line: its title once, and the flags it guesses for a typo. tyro draws the box
+    with other characters where stdout is not UTF-8 (a pipe on Windows): the same line either way."""
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding=encoding))
+    for argv, message in [(["--seeds", "3"], "error: Unrecognized options: --seeds, 3 (did you mean --seed?) "
+                                             "(see --help)\n"),
+                          (["--bogus"], "error: Unrecognized options: --bogus (see --help)\n"),
+                          (["--state-norm-kin", "x"], "error: Unrecognized options: --state-norm-kin, x (did you mean "
+                                                      "--state-norm-kind or --state-norm or --no-state-norm?) (see "
+                                                      "--help)\n"),
+                          (["--seed", "x"], "error: Value error: Error parsing --seed: invalid literal for int() with "
+                                            "base 10: 'x' (see --help)\n")]:
+        assert run_cli(capsys, *argv) == (2, message)
 
 
 def write_rows(path, header, rows, delimiter=",", encoding="utf-8"):
@@ -669,6 +687,40 @@ def test_ctrl_c_stops_agents_side_by_side_with_status_interrupted(tmp_path):
     assert all(0 < summary["steps"][name] < 1_000_000 for name in ("baseline", "intrinsic")), summary
 
 
+def running(pid):
+    """Whether a process exists and has not ended (a zombie waiting to be reaped has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads process states from /proc")
+def test_agents_side_by_side_end_when_their_parent_is_killed(tmp_path):
+    """SIGKILL (the OOM killer, kill -9) gives the parent no chance to stop its agents: they must notice."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, *SHORT[:1], "1000000", *SHORT[2:], "--threads", "2",
+                             "--runs-dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while sum("events.out" in f for _, _, fs in os.walk(tmp_path) for f in fs) < 2:  # both agents are training
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        [run_dir] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+        agents = writer_pids(run_dir).values()
+        assert all(running(pid) for pid in agents)
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 30
+        while any(running(pid) for pid in agents) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(running(pid) for pid in agents)  # else they would train their 1 000 000 steps for nobody
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_a_diverging_agent_side_by_side_stops_the_other(tmp_path, capsys, threads_restored):
     code, err = run_cli(capsys, *SHORT[:1], "20000", *SHORT[2:], "--intrinsic-coef", "1e30", "--threads", "2",
                         "--runs-dir", str(tmp_path))  # 20 000 steps: an agent left running ends, and fails below
@@ -952,6 +1004,18 @@ def test_an_intrinsic_reward_in_ordinary_python_runs_compiled():
         assert torch.allclose(p, q, atol=1e-5)
 
 
+def test_an_intrinsic_reward_in_ordinary_python_trains_side_by_side(tmp_path, monkeypatch, threads_restored):
+    """The fork through main, as a user runs it: the bonus built in main travels to its agent's process."""
+    monkeypatch.setattr(tr, "RND", lambda *args: VisitCountBonus())
+    summary = tr.main(tr.Args(threads=2, runs_dir=str(tmp_path / "side"), **SIDE_BY_SIDE))
+    pids = writer_pids(summary["run_dir"])
+    assert os.getpid() not in pids.values() and len(set(pids.values())) == 2  # side by side
+    one = tr.main(tr.Args(threads=1, runs_dir=str(tmp_path / "one"), **SIDE_BY_SIDE))  # in this process
+    assert summary["paired"] == one["paired"] and summary["test"] == one["test"]
+    # w / sqrt(visits) over 9 rounded actions replayed 400 x 256 times: far below RND's mean bonus here (0.29)
+    assert 0 < summary["paired"]["intrinsic_mean_delta"] < 0.05
+
+
 def test_sa_rnd_bonus_varies_with_the_action_rnd_does_not():
     obs, next_obs = torch.randn(64, 8), torch.randn(64, 8)
     low, high = torch.full((64, 1), -0.8), torch.full((64, 1), 0.8)
@@ -1146,6 +1210,8 @@ def test_eval_only_reproduces_the_test_split_and_reads_another_csv(saved_run, tm
     assert (again["status"], again["exit_code"]) == ("completed", 0)
     assert again["test"]["agents"] == summary["test"]["agents"]  # same agents, normalizer, split: same numbers
     assert again["test"]["vol_filter"] == summary["test"]["vol_filter"]
+    assert again["selected_step"] == summary["selected_step"]  # which checkpoints these are: the kept ones
+    assert set(summary["selected_step"].values()) <= {1000, 1500}  # kept after learning starts (500)
     assert {"eval_test.json", "eval_equity.png", "action_saturation.png", "td3_action_saturation.json",
             "shift_audit.json", "summary.json"} <= set(os.listdir(again["run_dir"]))
     # the shift audit of the same agents on the same split: what training wrote, to the last digit
