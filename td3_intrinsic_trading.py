@@ -1784,7 +1784,7 @@ def train_side_by_side(names: list[str], args: Args, data: MarketData, normalize
     stop_value = ctx.RawValue("i", 0)  # what the processes read as stop.signum: a signal, or -1 after a divergence
     work, done = ctx.Queue(), ctx.Queue()  # queues: starting a process never waits for it to read its arguments
     threads = torch.get_num_threads() // len(names)
-    processes = [ctx.Process(target=train_in_process, args=(work, done, stop_value, threads), daemon=True)
+    processes = [ctx.Process(target=train_in_process, args=(work, done, stop_value, threads, os.getpid()), daemon=True)
                  for _ in names]
     results, diverged = {}, {}
     try:
@@ -1834,12 +1834,17 @@ def signals_ignored_by_children():
             signal.signal(sig, handler)
 
 
-def train_in_process(work, done, stop_value, threads: int) -> None:
+def train_in_process(work, done, stop_value, threads: int, parent: int) -> None:
     """One agent in a spawned process: train_agent's arguments (but stop) from the work queue; the result, or
-    the divergence, onto the done queue."""
+    the divergence, onto the done queue. A process whose parent is gone ends without either."""
     torch.set_num_threads(threads)
-    name, args, data, normalizer, device, run_dir, intrinsic = pickle.loads(work.get())
-    stop = SharedStop(stop_value)
+    stop, job = SharedStop(stop_value, parent), None
+    while job is None and not stop.orphaned:  # the parent may die before it hands out the work
+        with contextlib.suppress(queue.Empty):
+            job = work.get(timeout=1.0)
+    if job is None:
+        return
+    name, args, data, normalizer, device, run_dir, intrinsic = pickle.loads(job)
     try:
         result = train_agent(name, args, data, normalizer, device, run_dir, stop, intrinsic)
     except Diverged as err:
@@ -1855,8 +1860,8 @@ class SharedStop:
     """StopOnSignal's signum in a spawned process: the parent writes it into a shared value. A parent killed
     with SIGKILL cannot write it: a process whose parent is gone stops too, rather than train for nobody."""
 
-    def __init__(self, value):
-        self.value, self.parent = value, os.getppid()
+    def __init__(self, value, parent: int):
+        self.value, self.parent = value, parent
 
     @property
     def orphaned(self) -> bool:

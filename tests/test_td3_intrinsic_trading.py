@@ -6,10 +6,12 @@ import functools
 import io
 import json
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -719,6 +721,16 @@ def test_agents_side_by_side_end_when_their_parent_is_killed(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_an_agent_process_whose_parent_died_before_handing_out_work_ends(threads_restored):
+    ctx = multiprocessing.get_context("spawn")
+    work, done = ctx.Queue(), ctx.Queue()  # no work will ever come
+    args = (work, done, ctx.RawValue("i", 0), 1, os.getpid())  # this process is not its own parent: "gone"
+    agent = threading.Thread(target=tr.train_in_process, args=args, daemon=True)
+    agent.start()
+    agent.join(timeout=10)
+    assert not agent.is_alive() and done.empty()  # ended without waiting for work, reported nothing
 
 
 def test_a_diverging_agent_side_by_side_stops_the_other(tmp_path, capsys, threads_restored):
