@@ -973,9 +973,9 @@ def parse_cli(args_type, argv: Optional[list[str]] = None):
         if exit_.code in (0, None):
             raise
         # tyro's box (rules of ─, or - where stdout is not UTF-8): title, text to the next rule, guesses for a typo
-        lines = [re.sub(r"[╭╮╰╯│]", "", line).strip() for line in captured.getvalue().splitlines()]
-        between_rules = "\n".join("\0" if line and not line.strip("─-") else line for line in lines[1:]).split("\0")
-        title, (body, *more) = lines[0].strip("─ "), [" ".join(s.split()) for s in between_rules if s.strip()]
+        lines = [re.sub(r"[╭╮╰╯│]", "", line).strip() for line in captured.getvalue().splitlines()] or [""]
+        parts = "\n".join("\0" if line and not line.strip("─-") else line for line in lines[1:]).split("\0")
+        title, (body, *more) = lines[0].strip("─ "), [" ".join(s.split()) for s in parts if s.strip()] or [""]
         guesses = [flag.rstrip(",") for s in more if s.startswith("Perhaps") for flag in s.split() if flag[:2] == "--"]
         hint = f" (did you mean {' or '.join(dict.fromkeys(guesses))}?)" if guesses else ""
         print(f"error: {body if body.startswith(title) else f'{title}: {body}'}{hint} (see --help)", file=sys.stderr)
