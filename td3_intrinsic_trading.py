@@ -553,7 +553,8 @@ def preactivation_penalty(args: Args) -> float:
 class TD3:
     """One agent: actor, twin critic, targets, optimizers, and its own torch.Generator for exploration
     noise, smoothing noise and replay indices: two agents built with the same seed stay bit-identical as
-    long as they see the same rewards. Gradients come from torch.func, as in td3_continuous.py."""
+    long as they see the same rewards. Gradients come from torch.func, as in td3_continuous.py: the weights need
+    no autograd graph (requires_grad off: backward() or a tensor hook fails loudly rather than doing nothing)."""
 
     def __init__(self, obs_dim: int, args: Args, device: torch.device, normalizer: Optional[StateNormalizer],
                  seed: int, intrinsic: Optional[nn.Module] = None):
