@@ -664,15 +664,25 @@ def test_agents_side_by_side_give_the_numbers_of_one_after_the_other(tmp_path, t
         assert read_json(side["run_dir"], name) == read_json(one["run_dir"], name)
 
 
-def test_ctrl_c_stops_agents_side_by_side_with_status_interrupted(tmp_path):
-    """Ctrl-C in a terminal signals every process of its group: the agents' processes leave it to the parent."""
+def start_agents_side_by_side(tmp_path, output):
+    """The script (1 000 000 steps, two agents side by side) in a process group of its own, once both agents
+    train; output: where its stdout and stderr go."""
     proc = subprocess.Popen([sys.executable, SCRIPT, *SHORT[:1], "1000000", *SHORT[2:], "--threads", "2",
-                             "--runs-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, start_new_session=True)
+                             "--runs-dir", str(tmp_path)], stdout=output, stderr=output, text=True, cwd=ROOT,
+                            start_new_session=True)
     deadline = time.time() + 120
     while sum("events.out" in f for _, _, fs in os.walk(tmp_path) for f in fs) < 2:  # both agents are training
-        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        if time.time() > deadline or proc.poll() is not None:  # fail, and leave no process running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the agents did not start training: {proc.communicate()}")
         time.sleep(0.2)
+    return proc
+
+
+def test_ctrl_c_stops_agents_side_by_side_with_status_interrupted(tmp_path):
+    """Ctrl-C in a terminal signals every process of its group: the agents' processes leave it to the parent."""
+    proc = start_agents_side_by_side(tmp_path, subprocess.PIPE)
     time.sleep(2.0)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
@@ -701,14 +711,8 @@ def running(pid):
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads process states from /proc")
 def test_agents_side_by_side_end_when_their_parent_is_killed(tmp_path):
     """SIGKILL (the OOM killer, kill -9) gives the parent no chance to stop its agents: they must notice."""
-    proc = subprocess.Popen([sys.executable, SCRIPT, *SHORT[:1], "1000000", *SHORT[2:], "--threads", "2",
-                             "--runs-dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=ROOT, start_new_session=True)
+    proc = start_agents_side_by_side(tmp_path, subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while sum("events.out" in f for _, _, fs in os.walk(tmp_path) for f in fs) < 2:  # both agents are training
-            assert time.time() < deadline and proc.poll() is None
-            time.sleep(0.2)
         [run_dir] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
         agents = writer_pids(run_dir).values()
         assert all(running(pid) for pid in agents)
