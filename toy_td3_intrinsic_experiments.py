@@ -290,8 +290,8 @@ def imbalanced_states(n: int, ratio: float, generator: torch.Generator) -> torch
     return torch.stack([small, level], dim=1)
 
 
-def zscore(states: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    return (states - reference.mean(0)) / reference.std(0)
+def zscore(states: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (states - mean) / std
 
 
 def double_well_q(a: torch.Tensor, tilt: float, k: float = 20.0) -> torch.Tensor:
@@ -330,7 +330,8 @@ def train_actor(actor: TanhActor, critic, states_fn, steps: int, lr: float, batc
 
 def experiment_actor_freeze(args: Args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
-    reference = imbalanced_states(10_000, args.freeze_ratio, g)  # fit the normalizer once
+    reference = imbalanced_states(10_000, args.freeze_ratio, g)
+    mean, std = reference.mean(0), reference.std(0)  # fit the normalizer once
     eval_raw = imbalanced_states(1000, args.freeze_ratio, g)
     a_target = 0.3  # C1 critic: Q(s, a) = -(a - 0.3)^2, an interior optimum
     c1_critic = lambda a: -(a - a_target).square()
@@ -340,7 +341,7 @@ def experiment_actor_freeze(args: Args) -> dict:
         actor = TanhActor()
         with torch.no_grad():
             actor.body[-1].bias.fill_(6.0)  # start collapsed at the upper bound, as after a runaway
-        transform = (lambda s: zscore(s, reference)) if normalize else (lambda s: s)
+        transform = (lambda s: zscore(s, mean, std)) if normalize else (lambda s: s)
         with torch.no_grad():
             pre = actor.body(transform(eval_raw)).squeeze(-1)
         runs[name] = train_actor(actor, c1_critic,
@@ -364,10 +365,10 @@ def experiment_actor_freeze(args: Args) -> dict:
         else:  # Delta(a) = -clip(2a, -1, 1): favours the runner-up well at a = -0.5
             critic = lambda a, w=w: double_well_q(a, args.m) - w * torch.clamp(2 * a, -1.0, 1.0)
         gen = torch.Generator().manual_seed(args.seed + 2)  # identical batches for every w
-        run = train_actor(actor, critic, lambda n, gen: zscore(imbalanced_states(n, args.freeze_ratio, gen), reference),
-                          args.train_steps, 3e-3, 256, zscore(eval_raw, reference), gen)
+        run = train_actor(actor, critic, lambda n, gen: zscore(imbalanced_states(n, args.freeze_ratio, gen), mean, std),
+                          args.train_steps, 3e-3, 256, zscore(eval_raw, mean, std), gen)
         with torch.no_grad():
-            final_actions = actor(zscore(eval_raw, reference))
+            final_actions = actor(zscore(eval_raw, mean, std))
         run["final_action_mean"] = float(final_actions.mean())
         run["flipped"] = bool(run["final_action_mean"] < 0)  # the env-best well is a = +0.5
         run["w"] = w

@@ -44,6 +44,15 @@ def run_script(*argv, **kwargs):
                           timeout=600, **kwargs)
 
 
+def run_cli(capsys, monkeypatch, *argv):
+    """The command line in process, as its __main__ runs it (a subprocess costs seconds of imports):
+    (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        td3.run_command_line(td3.main, td3.Args)
+    return exit_.value.code, capsys.readouterr().err
+
+
 # --- mechanisms, by hand ------------------------------------------------------------------------
 def test_td3_target_clipped_double_q_with_smoothing_by_hand():
     next_obs = torch.tensor([[1.0], [2.0]])
@@ -378,11 +387,8 @@ def make_agent_for(state, obs_dim, low, high):
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, argv, words, capsys, monkeypatch):
     """The entry point in process (a subprocess costs seconds of imports; one below checks the real thing)."""
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv, "--runs-dir", str(tmp_path / "runs"), "--no-cuda"])
-    with pytest.raises(SystemExit) as exit_:
-        td3.run_command_line(td3.main, td3.Args)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
+    code, err = run_cli(capsys, monkeypatch, *argv, "--runs-dir", str(tmp_path / "runs"), "--no-cuda")
+    assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("error:") and words in lines[0]
@@ -500,9 +506,17 @@ def test_resume_keeps_the_saved_settings_but_takes_runtime_flags_from_the_comman
     assert resumed["status"] == "completed" and resumed["global_step"] == 900 and resumed["updates"] == 700
 
 
-def test_eval_only_takes_seed_and_episodes_from_the_checkpoint_unless_given(tmp_path, monkeypatch):
-    summary = td3.main(small_args(tmp_path, seed=2, save_model=True))  # seed 2, 2 evaluation episodes
-    model = os.path.join(summary["run_dir"], "model.pt")
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A short eager run saved with --save-model (seed 2, --state-norm, 2 evaluation episodes): the eval-only
+    tests share it. Returns (its summary, the model.pt path)."""
+    summary = td3.main(small_args(tmp_path_factory.mktemp("saved"), seed=2, save_model=True, state_norm=True))
+    return summary, os.path.join(summary["run_dir"], "model.pt")
+
+
+@pytest.mark.xdist_group("saved_model")  # one worker trains the shared run once
+def test_eval_only_takes_seed_and_episodes_from_the_checkpoint_unless_given(saved_model, tmp_path, monkeypatch):
+    summary, model = saved_model
     seen, setup_torch = [], td3.setup_torch
     monkeypatch.setattr(td3, "setup_torch", lambda args: seen.append(args) or setup_torch(args))
     threads = torch.get_num_threads()  # the number already set: the test changes nothing for the next ones
@@ -516,10 +530,10 @@ def test_eval_only_takes_seed_and_episodes_from_the_checkpoint_unless_given(tmp_
     assert given["from_command_line"] == ["eval_episodes"] and "__2__" in os.path.basename(given["run_dir"])
 
 
-def test_eval_only_reproduces_the_final_evaluation(tmp_path):
-    summary = td3.main(small_args(tmp_path, save_model=True, state_norm=True))
-    model = os.path.join(summary["run_dir"], "model.pt")
-    again = td3.main(td3.Args(eval_only=True, checkpoint=model, eval_episodes=2, seed=1, runs_dir=str(tmp_path),
+@pytest.mark.xdist_group("saved_model")  # one worker trains the shared run once
+def test_eval_only_reproduces_the_final_evaluation(saved_model, tmp_path):
+    summary, model = saved_model
+    again = td3.main(td3.Args(eval_only=True, checkpoint=model, eval_episodes=2, seed=2, runs_dir=str(tmp_path),
                               cuda=False))
     # same seed + 100 eval env, same frozen normalizer and actor: the very same episodes
     assert again["eval_return_mean"] == summary["eval_return_last"]
@@ -541,7 +555,7 @@ def interrupted_run_argv(tmp_path):
             "--no-compile"]
 
 
-def test_resume_after_interruption_counts_every_step_once(tmp_path):
+def test_resume_after_interruption_counts_every_step_once(tmp_path, capsys, monkeypatch):
     argv = interrupted_run_argv(tmp_path)
     proc = subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = wait_for_file(tmp_path, "checkpoint.pt", proc)
@@ -551,8 +565,8 @@ def test_resume_after_interruption_counts_every_step_once(tmp_path):
     step_at_ckpt = torch.load(ckpt, weights_only=True)["global_step"]
     assert step_at_ckpt < 1000
 
-    result = run_script("--resume", ckpt)  # the run's own settings, --no-compile included
-    assert result.returncode == 0, result.stderr
+    code, err = run_cli(capsys, monkeypatch, "--resume", ckpt)  # the run's own settings, --no-compile included
+    assert code == 0, err
     run_dir = os.path.dirname(ckpt)
     summary = read_json(os.path.join(run_dir, "summary.json"))
     assert summary["global_step"] == 1000
@@ -580,22 +594,23 @@ def wait_for_file(root, name, proc, seconds=300):
     raise AssertionError(f"no {name} under {root}")
 
 
-def test_diverging_run_is_one_error_line_a_status_and_the_last_finite_checkpoint(tmp_path):
+def test_diverging_run_is_one_error_line_a_status_and_the_last_finite_checkpoint(tmp_path, capsys, monkeypatch):
     # The issue's command (lr 1e8 on Pendulum) with checkpoints every 500 steps and --save-model.
-    result = run_script("--env-id", "Pendulum-v1", "--learning-rate", "1e8", "--total-timesteps", "2000",
-                        "--learning-starts", "500", "--eval-frequency", "1000", "--checkpoint-frequency", "500",
-                        "--save-model", "--no-compile", "--runs-dir", str(tmp_path), "--no-cuda")
-    assert result.returncode == 1
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    code, stderr = run_cli(capsys, monkeypatch, "--env-id", "Pendulum-v1", "--learning-rate", "1e8",
+                           "--total-timesteps", "2000", "--learning-starts", "500", "--eval-frequency", "1000",
+                           "--checkpoint-frequency", "500", "--save-model", "--no-compile", "--runs-dir", str(tmp_path),
+                           "--no-cuda")
+    assert code == 1
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     [run_dir] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
     summary = read_json(os.path.join(run_dir, "summary.json"))
     assert summary["status"] == "diverged" and summary["exit_code"] == 1
     # detected within one logging interval of the first update (learning starts after step 500)
     assert 500 < summary["global_step"] <= 500 + td3.LOG_EVERY_UPDATES
-    assert result.stderr.startswith(f"error: training diverged at step {summary['global_step']}: ")
-    assert "= nan" in result.stderr and "--learning-rate 1e+08" in result.stderr
-    assert "--state-norm" not in result.stderr  # |obs| <= 8, |r| <= 16.3: the learning rate alone is named
-    assert summary["error"] == result.stderr.strip()[len("error: "):]
+    assert stderr.startswith(f"error: training diverged at step {summary['global_step']}: ")
+    assert "= nan" in stderr and "--learning-rate 1e+08" in stderr
+    assert "--state-norm" not in stderr  # |obs| <= 8, |r| <= 16.3: the learning rate alone is named
+    assert summary["error"] == stderr.strip()[len("error: "):]
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert ckpt["global_step"] == 500 == summary["checkpoint_step"]  # the last finite one, kept
     assert all(torch.isfinite(t).all() for t in ckpt["agent"]["actor"].values())
@@ -632,7 +647,7 @@ def test_atomic_json_leaves_nothing_behind_on_error(tmp_path):
     assert os.listdir(tmp_path) == ["a.json"] and read_json(path) == {"x": 1}  # old file intact
 
 
-def test_sigint_stops_at_a_step_boundary_and_resume_counts_every_step_once(tmp_path):
+def test_sigint_stops_at_a_step_boundary_and_resume_counts_every_step_once(tmp_path, capsys, monkeypatch):
     argv = interrupted_run_argv(tmp_path)
     proc = subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = wait_for_file(tmp_path, "checkpoint.pt", proc)  # step 250: training is under way
@@ -648,8 +663,8 @@ def test_sigint_stops_at_a_step_boundary_and_resume_counts_every_step_once(tmp_p
     assert torch.load(ckpt, weights_only=True)["global_step"] == stopped_at == summary["checkpoint_step"]
     assert summary["updates"] == stopped_at - 200
 
-    result = run_script("--resume", ckpt)  # the run's own settings, --no-compile included
-    assert result.returncode == 0, result.stderr
+    code, err = run_cli(capsys, monkeypatch, "--resume", ckpt)  # the run's own settings, --no-compile included
+    assert code == 0, err
     summary = read_json(os.path.join(run_dir, "summary.json"))
     assert summary["status"] == "completed" and summary["exit_code"] == 0 and summary["global_step"] == 1000
     assert summary["updates"] == 1000 - 200  # every learning step updated exactly once
