@@ -555,6 +555,20 @@ def interrupted_run_argv(tmp_path):
             "--no-compile"]
 
 
+def resume_to_the_end_counting_every_step_once(ckpt, capsys, monkeypatch) -> dict:
+    """`--resume ckpt` of an interrupted_run_argv run, through the command line: it must end at step 1000
+    with every learning step updated once and every evaluation written once. Returns its summary."""
+    code, err = run_cli(capsys, monkeypatch, "--resume", ckpt)  # the run's own settings, --no-compile included
+    assert code == 0, err
+    run_dir = os.path.dirname(ckpt)
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    assert summary["global_step"] == 1000
+    assert summary["updates"] == 1000 - 200  # every learning step updated exactly once
+    with open(os.path.join(run_dir, "evaluations.csv")) as f:
+        assert [int(r["global_step"]) for r in csv.DictReader(f)] == [250, 500, 750, 1000]
+    return summary
+
+
 def test_resume_after_interruption_counts_every_step_once(tmp_path, capsys, monkeypatch):
     argv = interrupted_run_argv(tmp_path)
     proc = subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -565,15 +579,7 @@ def test_resume_after_interruption_counts_every_step_once(tmp_path, capsys, monk
     step_at_ckpt = torch.load(ckpt, weights_only=True)["global_step"]
     assert step_at_ckpt < 1000
 
-    code, err = run_cli(capsys, monkeypatch, "--resume", ckpt)  # the run's own settings, --no-compile included
-    assert code == 0, err
-    run_dir = os.path.dirname(ckpt)
-    summary = read_json(os.path.join(run_dir, "summary.json"))
-    assert summary["global_step"] == 1000
-    assert summary["updates"] == 1000 - 200  # every learning step updated exactly once
-    with open(os.path.join(run_dir, "evaluations.csv")) as f:
-        steps = [int(r["global_step"]) for r in csv.DictReader(f)]
-    assert steps == [250, 500, 750, 1000]
+    resume_to_the_end_counting_every_step_once(ckpt, capsys, monkeypatch)
     final = torch.load(ckpt, weights_only=True)
     assert final["global_step"] == 1000 and final["buffer"]["size"] == 1000
 
@@ -663,13 +669,8 @@ def test_sigint_stops_at_a_step_boundary_and_resume_counts_every_step_once(tmp_p
     assert torch.load(ckpt, weights_only=True)["global_step"] == stopped_at == summary["checkpoint_step"]
     assert summary["updates"] == stopped_at - 200
 
-    code, err = run_cli(capsys, monkeypatch, "--resume", ckpt)  # the run's own settings, --no-compile included
-    assert code == 0, err
-    summary = read_json(os.path.join(run_dir, "summary.json"))
-    assert summary["status"] == "completed" and summary["exit_code"] == 0 and summary["global_step"] == 1000
-    assert summary["updates"] == 1000 - 200  # every learning step updated exactly once
-    with open(os.path.join(run_dir, "evaluations.csv")) as f:
-        assert [int(r["global_step"]) for r in csv.DictReader(f)] == [250, 500, 750, 1000]
+    summary = resume_to_the_end_counting_every_step_once(ckpt, capsys, monkeypatch)
+    assert summary["status"] == "completed" and summary["exit_code"] == 0
     assert not [f for f in files_under(run_dir) if f.endswith(".tmp")]
 
 
