@@ -54,8 +54,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 @dataclass
 class Args:
-    exp_name: str = "td3_continuous"
-    """the name of this experiment (part of the run folder name)"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder name); default: this file's name, so a fork's runs say so"""
     seed: int = 1
     """seed of the experiment (python, numpy, torch, env resets and action-space sampling)"""
     cuda: bool = True
@@ -284,8 +284,8 @@ def soft_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], tau: 
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, module: nn.Module, grads: dict) -> None:
-    """Put the gradients where every torch.optim optimizer reads them (p.grad), then one step.
-    FORK: gradient clipping (torch.nn.utils.clip_grad_norm_) goes between the two."""
+    """Put the gradients where every torch.optim optimizer reads them (p.grad), then one step. Every optimizer of
+    the script steps here. FORK: gradient clipping (torch.nn.utils.clip_grad_norm_) goes between the two."""
     for name, param in module.named_parameters():
         # contiguous: fused Adam on CPU (torch 2.13) silently misreads the strided views torch.func may return
         param.grad = grads[name].contiguous()
@@ -305,7 +305,8 @@ class TD3:
         self.actor = Actor(obs_dim, low, high, args.hidden_sizes).to(device).requires_grad_(False)
         self.qf = TwinQ(obs_dim, action_space.shape[0], args.hidden_sizes).to(device).requires_grad_(False)
         self.actor_target, self.qf_target = copy.deepcopy(self.actor), copy.deepcopy(self.qf)
-        # FORK: the optimizer. Any torch.optim optimizer works here (e.g. torch.optim.AdamW);
+        # FORK: the optimizer. Any torch.optim optimizer works here (e.g. torch.optim.AdamW); a scheduler is
+        # built here too and stepped in update() after its optimizer_step.
         # fused=True runs Adam as one C++ kernel for all tensors instead of ~10 ops per tensor.
         self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=args.learning_rate, fused=True)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=True)
@@ -456,7 +457,7 @@ def main(args: Args) -> dict:
 # ===== eval-only, faults and signals, the command line, the compile set-up ============================
 LOG_EVERY_UPDATES = 100  # metrics are read back (.item() waits for the device) only this often
 PROGRESS_EVERY_SECONDS = 30.0  # a progress line at least this often: a long run never looks hung
-NEAR_BOUND = 0.999  # |a| >= 0.999 a_max counts as "at the bound" (audit, SPEC 3.6)
+NEAR_BOUND = 0.999  # |a| >= 0.999 a_max counts as "at the bound" (the saturation audit)
 COLLAPSE_RATIO = 0.95  # near_bound_ratio at or above this means the actor collapsed to the bound
 VALUE_BIAS_TAIL = 0.01  # value_bias skips states whose unseen tail weight gamma^(T-t) exceeds this
 # Above these, the divergence message names the learning rate, the reward or the observations as
@@ -508,7 +509,8 @@ def audit(agent: TD3, eval_obs: np.ndarray) -> dict:
 
 
 def scale_stats(x: np.ndarray, names: list[str]) -> dict:
-    """The schema of state_scale_summary.json's pre_stats/post_stats (SPEC 3.6)."""
+    """state_scale_summary.json's pre_stats/post_stats: per input dimension and over all, min, max, mean, std and
+    the 95th/99th percentiles of |x| (how far out the values that drive the tanh's saturation reach)."""
     x = np.asarray(x, dtype=np.float64)
     absx = np.abs(x)
     per_dim = [{"idx": i, "name": names[i], "min": float(x[:, i].min()), "max": float(x[:, i].max()),

@@ -64,8 +64,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 @dataclass
 class Args:
-    exp_name: str = "td3_intrinsic_trading"
-    """the name of this experiment (part of the run folder name)"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder name); default: this file's name, so a fork's runs say so"""
     seed: int = 1
     """training seed: weights, exploration noise, replay sampling, episode starts"""
     cuda: bool = True
@@ -143,7 +143,8 @@ class Args:
     learning_starts: int = 5000
     """env steps of uniform random actions before learning starts"""
     learning_rate: float = 3e-5
-    """the learning rate of both optimizers (low: the reward's noise is ~10x its action-dependent drift)"""
+    """the learning rate of the actor's and the critics' optimizers (low: the reward's noise is ~10x its
+    action-dependent drift)"""
     hidden_size: int = 32
     """width of the two hidden layers of the actor and of each critic (small: ~7000 train steps to fit)"""
     buffer_size: int = int(1e6)
@@ -202,11 +203,12 @@ WARMUP = 20  # the longest feature window (MA20): the first usable step
 
 
 def market_features(close: np.ndarray, volume: np.ndarray, stationary: bool = False) -> dict:
-    """FORK: an observation feature. name -> [n] array; row t uses data up to t only (no look-ahead),
-    rows < WARMUP are NaN (a longer window needs a larger WARMUP); every index elsewhere comes from these
-    names. stationary: log(C_t / max C_{t-19..t}) replaces the close. A level trends out of any range fitted
-    on the past (the synthetic close ends x73 above its start), so a z-score fitted on the train split puts
-    test prices at +10; a ratio of two prices means the same in every year and under any scaling of the series."""
+    """FORK: an observation feature. name -> [n] array; row t uses data up to t only (no look-ahead), a
+    windowed feature is NaN on rows < WARMUP (a longer window needs a larger WARMUP); every index elsewhere
+    comes from these names. stationary: log(C_t / max C_{t-19..t}) replaces the close. A level trends out of
+    any range fitted on the past (the synthetic close ends x73 above its start), so a z-score fitted on the
+    train split puts test prices at +10; a ratio of two prices means the same in every year and under any
+    scaling of the series."""
     window = lambda x, k: np.lib.stride_tricks.sliding_window_view(x, k)[WARMUP - k + 1:]  # noqa: E731  (ending at t)
     pad = lambda x: np.concatenate([np.full(WARMUP, np.nan), x])  # noqa: E731  (rows t >= WARMUP)
     log_ret = np.concatenate([[np.nan], np.diff(np.log(close))])
@@ -534,8 +536,8 @@ def soft_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], tau: 
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, module: nn.Module, grads: dict) -> None:
-    """Put the gradients where every torch.optim optimizer reads them (p.grad), then one step.
-    FORK: gradient clipping (torch.nn.utils.clip_grad_norm_) goes between the two."""
+    """Put the gradients where every torch.optim optimizer reads them (p.grad), then one step. Every optimizer of
+    the script steps here. FORK: gradient clipping (torch.nn.utils.clip_grad_norm_) goes between the two."""
     for name, param in module.named_parameters():
         # contiguous: fused Adam on CPU (torch 2.13) silently misreads the strided views torch.func may return
         param.grad = grads[name].contiguous()
@@ -548,6 +550,9 @@ def preactivation_penalty(args: Args) -> float:
     if args.preactivation_penalty is not None:
         return args.preactivation_penalty
     return 1e-3 if args.state_norm else 0.0
+
+
+NETWORKS = ("actor", "qf", "actor_target", "qf_target")  # what a checkpoint of an agent holds
 
 
 class TD3:
@@ -565,7 +570,8 @@ class TD3:
         self.actor = Actor(obs_dim, low, high, sizes).to(device).requires_grad_(False)
         self.qf = TwinQ(obs_dim, 1, sizes).to(device).requires_grad_(False)
         self.actor_target, self.qf_target = copy.deepcopy(self.actor), copy.deepcopy(self.qf)
-        # FORK: the optimizer. Any torch.optim optimizer works here (e.g. torch.optim.AdamW);
+        # FORK: the optimizer. Any torch.optim optimizer works here (e.g. torch.optim.AdamW); a scheduler is
+        # built here too and stepped in update() after its optimizer_step.
         # fused=True runs Adam as one C++ kernel for all tensors instead of ~10 ops per tensor.
         self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=args.learning_rate, fused=True)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=True)
@@ -638,6 +644,14 @@ class TD3:
     def intrinsic_mean_delta(self) -> float:
         """The mean of r_tot - r_env over all training batches so far."""
         return float(self.intrinsic_delta) / max(self.n_updates, 1)
+
+    def state_dicts(self) -> dict:
+        """A copy of the weights of the four networks: a checkpoint (early stopping, model.pt)."""
+        return copy.deepcopy({part: getattr(self, part).state_dict() for part in NETWORKS})
+
+    def load_state_dicts(self, state: dict) -> None:
+        for part in NETWORKS:
+            getattr(self, part).load_state_dict(state[part])
 
 
 # EVALUATION -------------------------------------------------------------------------------------
@@ -717,7 +731,8 @@ def train_agent(name: str, args: Args, data, normalizer: Optional[StateNormalize
     if args.compile:
         compile_update(agent)
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, 1, device)
-    log = TrainingLog(name, args, run_dir, data.fit_states)  # TensorBoard, validation history, best checkpoint
+    log = TrainingLog(name, args, run_dir, data.fit_states)  # TensorBoard, validation history, progress lines
+    best = {"sharpe": -math.inf, "step": None, "state": None}  # early stopping: the checkpoint kept
     env.action_space.seed(args.seed)
     obs, _ = env.reset(seed=args.seed)
     for global_step in range(1, args.total_timesteps + 1):
@@ -737,9 +752,14 @@ def train_agent(name: str, args: Args, data, normalizer: Optional[StateNormalize
                 log.losses(metrics, agent, global_step)  # raises Diverged on NaN/inf
         log.tick(learning, global_step)
         if global_step % args.eval_frequency == 0 or global_step == args.total_timesteps:
-            log.evaluation(evaluate_split(agent, val_env, data.periods_per_year), agent, global_step)
+            val = evaluate_split(agent, val_env, data.periods_per_year)
+            log.evaluation(val, agent, global_step)  # raises Diverged on a NaN/inf weight: never kept
+            # keep the best validation Sharpe; only a trained network (before learning starts every evaluation
+            # scores the initial weights); ties keep the earlier step
+            if learning and val["metrics"]["sharpe"] > best["sharpe"]:
+                best = {"sharpe": val["metrics"]["sharpe"], "step": global_step, "state": agent.state_dicts()}
     log.writer.close()
-    return {"agent": agent, "log": log}
+    return {"agent": agent, "log": log, "best": best}
 
 
 def main(args: Args) -> dict:
@@ -782,9 +802,12 @@ def main(args: Args) -> dict:
                                            data.periods_per_year) for name, t in trained.items()}
         pair = {"baseline", "intrinsic"} <= set(trained)
         final_pair = final_paired({name: t["agent"] for name, t in trained.items()}, final_test) if pair else None
-        if args.keep_best:  # early stopping: the performance table tests each agent's best validation checkpoint
-            for t in trained.values():
-                t["log"].restore_best(t["agent"])
+        # --keep-best (early stopping): the reward's noise is 10x its action-dependent drift, so a critic trained
+        # long enough fits the noise of the ~7000 train steps; validation Sharpe says when that starts. The kept
+        # step's actor, critic and their targets (model.pt then holds one consistent agent) are tested.
+        for t in trained.values():
+            if args.keep_best and t["best"]["state"] is not None:  # None: no evaluation after learning started
+                t["agent"].load_state_dicts(t["best"]["state"])
         return report(args, run_dir, data, normalizer, trained, final_test, final_pair)  # test, audit files, table
 
 
@@ -834,7 +857,8 @@ def action_saturation_stats(actions) -> dict:
 
 
 def scale_stats(x: np.ndarray, names: list[str]) -> dict:
-    """The schema of state_scale_summary.json's pre_stats/post_stats (SPEC 3.6)."""
+    """state_scale_summary.json's pre_stats/post_stats: per input dimension and over all, min, max, mean, std and
+    the 95th/99th percentiles of |x| (how far out the values that drive the tanh's saturation reach)."""
     x = np.asarray(x, dtype=np.float64)
     absx = np.abs(x)
     per_dim = [{"idx": i, "name": names[i], "min": float(x[:, i].min()), "max": float(x[:, i].max()),
@@ -882,9 +906,16 @@ def verdict(val: dict, val_bench: dict, periods_per_year: int) -> dict:
         lead = {b: m["sharpe"] - val_bench[b]["sharpe"] for b in ("buy_and_hold", "vol_filter")}
         beaten = [b for b, x in lead.items() if x > 0]
         edge = all(x > noise for x in lead.values()) and m["sharpe"] > noise
-        how = "beats neither" if not beaten else f"beats only {beaten[0]}" if len(beaten) == 1 else \
-            "beats both" if edge else "beats both by less than the noise" if min(lead.values()) <= noise else \
-            "beats both, but is within the noise of flat (0)"
+        if not beaten:
+            how = "beats neither"
+        elif len(beaten) == 1:
+            how = f"beats only {beaten[0]}"
+        elif edge:
+            how = "beats both"
+        elif min(lead.values()) <= noise:
+            how = "beats both by less than the noise"
+        else:
+            how = "beats both, but is within the noise of flat (0)"
         out[name] = {"edge": edge, "text": f"{name}: {'edge' if edge else 'no edge learned'}: its validation Sharpe "
                      f"{m['sharpe']:.2f} {how} (buy_and_hold {val_bench['buy_and_hold']['sharpe']:.2f}, vol_filter "
                      f"{val_bench['vol_filter']['sharpe']:.2f}, noise {noise:.2f})"
@@ -902,7 +933,7 @@ def input_fix(args: Args) -> Optional[str]:
 
 def diagnose(paired: dict, near_bound: float, initial_equity: float, shift: Optional[str] = None, *,
              fix: Optional[str]) -> dict:
-    """R1-R4 of SPEC 3.6, plus what to change (a distribution shift, when found, comes first).
+    """R1-R4 (docs/trading.md, the audit loop), plus what to change (a distribution shift, when found, comes first).
     fix: input_fix(args), the input change still open to the run (None: inputs already normalized)."""
     moved, frozen = abs(paired["intrinsic_mean_delta"]) > 1e-9, paired["action_equal_ratio"] >= 0.999
     if not moved:
@@ -1028,7 +1059,7 @@ def prepare_data(args: Args, market: Market, source: str) -> MarketData:
 
 
 def check_split_lengths(data: MarketData, args: Args) -> None:
-    need = 2 * max(args.episode_length // 4, 10)  # half a training episode
+    need = max(args.episode_length // 2, 20)  # half a training episode, at least 20 steps
     for split in ("train", "val", "test"):
         lo, hi = data.splits[split]
         if hi - lo < need:
@@ -1052,8 +1083,8 @@ def agent_names(args: Args) -> list[str]:
 
 # ONE AGENT'S RUN FILES: TensorBoard, validation history, best checkpoint, progress, divergence -------
 class TrainingLog:
-    """One agent's plumbing: TensorBoard, the learning-phase clock, the validation history and the best
-    checkpoint (early stopping on validation Sharpe), progress lines, the divergence check."""
+    """One agent's plumbing: TensorBoard, the learning-phase clock, the validation history, progress lines,
+    the divergence check."""
 
     def __init__(self, name: str, args: Args, run_dir: str, common_states: np.ndarray):
         self.name, self.args, self.steps, self.common_states = name, args, 0, common_states
@@ -1064,7 +1095,6 @@ class TrainingLog:
         self.episode_return, self.episode_length = 0.0, 0
         self.learn_seconds, self.learn_steps, self.compile_seconds = 0.0, 0, 0.0
         self.compile_iterations = args.policy_frequency if args.compile else 0  # where torch.compile builds
-        self.best_sharpe, self.best_step, self.best_state = -math.inf, 0, None
         self.start, self.clock, self.last_print = time.time(), time.perf_counter(), time.time()
 
     def episode_step(self, reward: float, done: bool, step: int) -> None:
@@ -1100,7 +1130,7 @@ class TrainingLog:
             return
         reward_max, args = self.last_values.get("reward_abs_max", math.nan), self.args
         causes = {  # cause: whether this run's numbers point at it
-            f"too high a learning rate (--learning-rate {args.learning_rate:g}; the default is 3e-5)":
+            f"too high a learning rate (--learning-rate {args.learning_rate:g}; the default is {Args.learning_rate:g})":
                 args.learning_rate > DIVERGENCE_HINTS["learning_rate"],
             f"the reward scale (|r_tot| up to {reward_max:.3g}; --reward-scale {args.reward_scale:g}"
             + (f", --intrinsic-coef {args.intrinsic_coef:g})" if agent.intrinsic is not None else ")"):
@@ -1112,7 +1142,7 @@ class TrainingLog:
                        f"Likely cause: {'; or '.join(likely)}", self.name, step)
 
     def evaluation(self, result: dict, agent: TD3, step: int) -> None:
-        """One validation evaluation: history, TensorBoard, the best checkpoint so far, a progress line."""
+        """One validation evaluation: history, TensorBoard, a progress line."""
         self.check_finite(agent, step)  # never evaluate (or keep as best) a diverged network
         self.val_results.append(result)
         entry = {"global_step": step, **result["saturation"], "val_sharpe": result["metrics"]["sharpe"],
@@ -1124,18 +1154,7 @@ class TrainingLog:
         for name, key in (("eval/sharpe", "val_sharpe"), ("eval/total_return", "val_total_return"),
                           ("audit/near_bound_ratio", "near_bound_ratio"), ("audit/kappa_mean", "kappa_mean")):
             self.writer.add_scalar(name, entry[key], step)
-        # only a trained network can be kept: before learning starts every evaluation scores the initial weights
-        if step > self.args.learning_starts and entry["val_sharpe"] > self.best_sharpe:  # ties keep the earlier
-            self.best_sharpe, self.best_step = entry["val_sharpe"], step
-            self.best_state = copy.deepcopy({part: getattr(agent, part).state_dict() for part in AGENT_PARTS})
         self.progress(step)
-
-    def restore_best(self, agent: TD3) -> None:
-        """--keep-best: the reward's noise is 10x its action-dependent drift, so a critic trained long
-        enough fits the noise of the ~7000 train steps; validation Sharpe says when that starts. The kept
-        step's actor, critic and their targets: model.pt then holds one consistent agent."""
-        for part, state in (self.best_state or {}).items():  # no evaluation after learning started: the final one
-            getattr(agent, part).load_state_dict(state)
 
     def tick(self, learning: bool, step: int) -> None:
         """The learning-phase clock (not evaluating nor compiling) and a progress line now and then."""
@@ -1173,17 +1192,9 @@ def report(args: Args, run_dir: str, data: MarketData, normalizer: Optional[Stat
     fit_range = (inputs.min(axis=0), inputs.max(axis=0))  # the range the networks saw fitted: the shift yardstick
     result = evaluation_report(args, run_dir, data, agents, normalizer, fit_range, ["val", "test"])
     write_scale_summary(run_dir, args, data.names, data.fit_states, normalizer, result)
-    selected = {name: log.best_step if args.keep_best and log.best_state else args.total_timesteps
-                for name, log in logs.items()}
-    # summary/history: validation evaluations during training; selected: the checkpoint kept (best validation
-    # Sharpe) on validation and test; final_test: the last (not kept) policy on test
-    saturation = {"near_bound_threshold": NEAR_BOUND, "collapse_threshold": COLLAPSE_RATIO, "summary_split": "val",
-                  "history_split": "val", "test_split": "test", "paired": None, "diagnosis": None,
-                  "distribution_shift": result["distribution_shift"],
-                  "agents": {name: {"summary": log.history[-1], "history": log.history, "selected_step": selected[name],
-                                    "final_test": final_test[name]["saturation"],
-                                    "selected_val": result["saturation"][name]["val"],
-                                    "test": result["saturation"][name]["test"]} for name, log in logs.items()}}
+    selected = {name: args.total_timesteps if not args.keep_best or t["best"]["state"] is None else t["best"]["step"]
+                for name, t in trained.items()}
+    paired, diagnosis, per_eval = None, None, []
     if {"baseline", "intrinsic"} <= set(trained):  # what training with r_int did: the final policies, on test
         paired = {**final_pair, "intrinsic_mean_delta": agents["intrinsic"].intrinsic_mean_delta()}
         evals = zip(logs["baseline"].val_results, logs["baseline"].history, logs["intrinsic"].val_results,
@@ -1195,9 +1206,16 @@ def report(args: Args, run_dir: str, data: MarketData, normalizer: Optional[Stat
         for key in ("action_equal_ratio", "eval_value_mae", "intrinsic_mean_delta", "q1_delta_mean"):
             paired[f"{key}_mean"] = float(np.mean([row[key] for row in learned])) if learned else None
         near = max(res["saturation"]["near_bound_ratio"] for res in final_test.values())
-        saturation["diagnosis"] = diagnose(paired, near, args.initial_equity, result["distribution_shift"],
-                                           fix=input_fix(args))
-        saturation["paired"] = {**paired, "history": per_eval}
+        diagnosis = diagnose(paired, near, args.initial_equity, result["distribution_shift"], fix=input_fix(args))
+    # summary/history: validation evaluations during training; selected: the checkpoint kept (best validation
+    # Sharpe) on validation and test; final_test: the last (not kept) policy on test
+    saturation = {"near_bound_threshold": NEAR_BOUND, "collapse_threshold": COLLAPSE_RATIO, "summary_split": "val",
+                  "history_split": "val", "test_split": "test", "paired": paired and {**paired, "history": per_eval},
+                  "diagnosis": diagnosis, "distribution_shift": result["distribution_shift"],
+                  "agents": {name: {"summary": log.history[-1], "history": log.history, "selected_step": selected[name],
+                                    "final_test": final_test[name]["saturation"],
+                                    "selected_val": result["saturation"][name]["val"],
+                                    "test": result["saturation"][name]["test"]} for name, log in logs.items()}}
     write_json_atomic(os.path.join(run_dir, "td3_action_saturation.json"), saturation)
     if args.save_model:
         save_model(os.path.join(run_dir, "model.pt"), args, data, agents, fit_range, selected)
@@ -1210,8 +1228,7 @@ def report(args: Args, run_dir: str, data: MarketData, normalizer: Optional[Stat
                "verdict": verdict(val, result["benchmarks"]["val"], data.periods_per_year),
                "saturation": {name: result["saturation"][name]["val"] for name in logs},  # the kept agents'
                "saturation_test": {name: res["saturation"] for name, res in result["results"]["test"].items()},
-               "paired": saturation["paired"] and {k: v for k, v in saturation["paired"].items() if k != "history"},
-               "diagnosis": saturation["diagnosis"], "distribution_shift": result["distribution_shift"],
+               "paired": paired, "diagnosis": diagnosis, "distribution_shift": result["distribution_shift"],
                "sps_learning_phase": {name: round(log.sps, 1) for name, log in logs.items()},
                "compile_seconds": {name: round(log.compile_seconds, 2) for name, log in logs.items()},
                "wall_time_s": round(time.time() - min(log.start for log in logs.values()), 2)}
@@ -1256,7 +1273,7 @@ def evaluation_report(args: Args, run_dir: str, data: MarketData, agents: dict, 
     write_json_atomic(os.path.join(run_dir, f"eval_{split}.json"), eval_json)
     plot_equity(results[split], bench[split]["equity"], args.initial_equity, split,
                 os.path.join(run_dir, "eval_equity.png"))
-    plot_saturation(results[split], os.path.join(run_dir, "action_saturation.png"))
+    plot_saturation(results[split], split, os.path.join(run_dir, "action_saturation.png"))
     clip = normalizer.clip if normalizer else None
     shift = {name: {s: shift_stats(network_inputs(results[s][name]["observations"], normalizer), *fit_range, clip,
                                    data.names) for s in splits} for name in agents}
@@ -1364,16 +1381,17 @@ def plot_equity(results: dict, benchmarks: dict, initial_equity: float, split: s
     ax.set(ylabel="equity", title=f"{split} split: agents against buy and hold, the volatility filter and flat")
     ax.legend()
     ax_pos.set(ylabel="position p_t", ylim=(-1.08, 1.08),
-               xlabel=f"{split} step (red dots: raw actor output at the bound, |a| ≥ 0.999)")
+               xlabel=f"{split} step (red dots: raw actor output at the bound, |a| ≥ {NEAR_BOUND})")
     save_figure(fig, path)
 
 
-def plot_saturation(test_results: dict, path: str) -> None:
+def plot_saturation(results: dict, split: str, path: str) -> None:
     fig, (ax_a, ax_k) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, res in test_results.items():
+    for name, res in results.items():
         ax_a.hist(res["actions"], bins=np.linspace(-1, 1, 41), alpha=0.55, label=name)
         ax_k.hist(kappa(res["actions"]), bins=np.linspace(0, 1, 41), alpha=0.55, label=name)
-    ax_a.set(xlabel="raw actor output a / a_max", ylabel="test steps", title="actor outputs (mass at ±1 = collapse)")
+    ax_a.set(xlabel="raw actor output a / a_max", ylabel=f"{split} steps",
+             title="actor outputs (mass at ±1 = collapse)")
     ax_k.set(xlabel="κ = 1 − (a/a_max)²", title="tanh gate: the share of the critic's gradient reaching the actor")
     for ax in (ax_a, ax_k):
         ax.legend()
@@ -1586,9 +1604,6 @@ def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
 
 
 # MODEL FILES AND --eval-only -------------------------------------------------------------------
-AGENT_PARTS = ("actor", "qf", "actor_target", "qf_target")
-
-
 def save_model(path: str, args: Args, data: MarketData, agents: dict, fit_range: tuple, selected: dict) -> None:
     """model.pt: every agent's networks and normalizer with the settings that built them and the step they were
     kept at, as tensors and plain values (torch.load(weights_only=True) reads it without running code)."""
@@ -1596,7 +1611,7 @@ def save_model(path: str, args: Args, data: MarketData, agents: dict, fit_range:
              "vol_filter_threshold": data.vol_threshold, "fit_range": [r.tolist() for r in fit_range],
              "agents": {name: {"selected_step": selected[name],
                                "normalizer": agent.normalizer.state_dict() if agent.normalizer else None,
-                               **{part: getattr(agent, part).state_dict() for part in AGENT_PARTS}}
+                               **agent.state_dicts()}
                         for name, agent in agents.items()}}
     replace_atomic(path, lambda tmp: torch.save(model, tmp))  # never a half-written model
 
@@ -1662,14 +1677,13 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     if args.eval_split == "all":  # no data before the evaluated rows to fit it on: the training run's
         data.vol_threshold = float(model["vol_filter_threshold"])
         threshold = "the training run's (--eval-split all leaves no earlier data to fit one on)"
-    agents, normalizer = {}, None
-    for name, state in model["agents"].items():
-        if state["normalizer"] is not None:
-            normalizer = StateNormalizer(data.names, run_args.state_norm_kind, run_args.log_volume).to(device)
-            normalizer.load_state_dict(state["normalizer"])
-        agents[name] = TD3(len(data.names), run_args, device, normalizer, run_args.seed)
-        for part in AGENT_PARTS:
-            getattr(agents[name], part).load_state_dict(state[part])
+    normalizer, saved_normalizer = None, next(iter(model["agents"].values()))["normalizer"]  # one for every agent
+    if saved_normalizer is not None:
+        normalizer = StateNormalizer(data.names, run_args.state_norm_kind, run_args.log_volume).to(device)
+        normalizer.load_state_dict(saved_normalizer)
+    agents = {name: TD3(len(data.names), run_args, device, normalizer, run_args.seed) for name in model["agents"]}
+    for name, agent in agents.items():
+        agent.load_state_dicts(model["agents"][name])
     run_dir = make_run_dir(run_args, data.source, "__eval")
     fit_range = tuple(np.asarray(r) for r in model["fit_range"])
     result = evaluation_report(run_args, run_dir, data, agents, normalizer, fit_range, [args.eval_split])
@@ -1677,7 +1691,7 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     paired = final_paired(agents, results) if {"baseline", "intrinsic"} <= set(agents) else None
     write_json_atomic(os.path.join(run_dir, "td3_action_saturation.json"), {
         "near_bound_threshold": NEAR_BOUND, "collapse_threshold": COLLAPSE_RATIO, "split": args.eval_split,
-        "agents": {name: {args.eval_split: sat[args.eval_split]} for name, sat in result["saturation"].items()},
+        "agents": result["saturation"],
         "paired": paired})
     write_json_atomic(os.path.join(run_dir, "shift_audit.json"), {"split": args.eval_split, "agents": result["shift"]})
     selected = {name: state["selected_step"] for name, state in model["agents"].items()}
@@ -1750,8 +1764,8 @@ def require_cxx_compiler(device: torch.device) -> None:
 
 
 def compile_update(agent: TD3) -> None:
-    """--compile: each gradient one graph of C++ kernels (the RND predictor's too); graphs are shared by
-    the agents of a run. Code dynamo cannot trace runs eagerly (a graph break: slower, still right)."""
+    """--compile: each gradient one graph of C++ kernels (the RND predictor's too); agents in one process share
+    the graphs. Code dynamo cannot trace runs eagerly (a graph break: slower, still right)."""
     # cpp_wrapper: the code that calls a graph's kernels is C++ too, not Python: at 32 wide an update is
     # mostly per-call overhead, and this cuts it (docs/speed.md)
     options = {"cpp_wrapper": True}

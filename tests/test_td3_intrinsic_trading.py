@@ -1155,8 +1155,8 @@ def test_diagnosis_rules_on_crafted_numbers():
 
 
 def test_a_split_too_short_for_training_is_one_user_error(tmp_path):
-    # 200 rows: train [20, 140) has 120 steps, fewer than 2 * episode_length / 4 = 128
-    with pytest.raises(tr.UserError, match="the train split has 120 steps"):
+    # 200 rows: train [20, 140) has 120 steps, fewer than half an episode, 256 / 2 = 128
+    with pytest.raises(tr.UserError, match="the train split has 120 steps, under the 128 of half an episode"):
         tr.main(tr.Args(market_steps=200, runs_dir=str(tmp_path), cuda=False))
     assert not os.listdir(tmp_path)  # raised before the run folder exists
 
@@ -1292,24 +1292,36 @@ def test_eval_only_applies_the_settings_it_is_given_and_records_them(saved_run, 
         tr.main(tr.Args(eval_only=True, checkpoint=model, hidden_size=64, runs_dir=str(tmp_path), cuda=False))
 
 
-def test_keep_best_restores_the_kept_steps_networks_and_targets(tmp_path):
-    args = tr.Args(learning_starts=100, compile=False, cuda=False)
-    agent = tr.TD3(8, args, torch.device("cpu"), None, seed=0)
-    log = tr.TrainingLog("baseline", args, str(tmp_path), np.zeros((4, 8)))
-    result = lambda sharpe: {"saturation": {"near_bound_ratio": 0.0, "kappa_mean": 1.0}, "q1_mean": 0.0,  # noqa
-                             "metrics": {"sharpe": sharpe, "total_return": 0.0}}
-    log.evaluation(result(5.0), agent, 100)  # before learning starts: never kept, however good
-    kept = {part: copy.deepcopy(getattr(agent, part).state_dict()) for part in tr.AGENT_PARTS}
-    log.evaluation(result(1.0), agent, 200)
-    for part in tr.AGENT_PARTS:  # training goes on: every network and target moves
-        for p in getattr(agent, part).parameters():
-            p.add_(1.0)
-    log.evaluation(result(0.5), agent, 300)
-    log.restore_best(agent)
-    assert log.best_step == 200
-    for part in tr.AGENT_PARTS:
-        for name, value in getattr(agent, part).state_dict().items():
-            assert torch.equal(value, kept[part][name]), (part, name)
+def test_early_stopping_keeps_the_best_trained_checkpoint_networks_and_targets(tmp_path, monkeypatch):
+    args = tr.Args(total_timesteps=400, learning_starts=100, eval_frequency=100, episode_length=64, state_norm=True,
+                   compile=False, cuda=False)
+    data = tr.prepare_data(args, tr.synthetic_market(1000, 0), "m")
+    data.fit_states = tr.reference_states(tr.trading_env(data, "train", args, training=False), args.seed)
+    normalizer = tr.StateNormalizer(data.names, "zscore", log_volume=True).fit(data.fit_states)  # an actor that moves
+    sharpe = {100: 5.0, 200: 1.0, 300: 0.5, 400: 1.0}  # 100: before learning, never kept; 400 ties 200: the earlier
+    seen = {}
+    evaluate_split = tr.evaluate_split
+
+    def scripted(agent, env, periods_per_year):  # the real evaluation, with a scripted validation Sharpe
+        result = evaluate_split(agent, env, periods_per_year)
+        step = args.learning_starts + agent.n_updates  # one update per step after learning starts
+        seen[step] = copy.deepcopy({part: getattr(agent, part).state_dict() for part in tr.NETWORKS})
+        result["metrics"]["sharpe"] = sharpe[step]
+        return result
+    monkeypatch.setattr(tr, "evaluate_split", scripted)
+    trained = tr.train_agent("baseline", args, data, normalizer, torch.device("cpu"), str(tmp_path),
+                             type("NoSignal", (), {"signum": None})())
+    assert sorted(seen) == [100, 200, 300, 400]
+    assert trained["best"]["step"] == 200 and trained["best"]["sharpe"] == 1.0
+    for part in tr.NETWORKS:  # the kept step's networks and targets, while training moved every one of them
+        for name, value in trained["best"]["state"][part].items():
+            assert torch.equal(value, seen[200][part][name]), (part, name)
+        final = getattr(trained["agent"], part).state_dict()
+        assert any(not torch.equal(final[name], seen[200][part][name]) for name in final), part
+    trained["agent"].load_state_dicts(trained["best"]["state"])  # what main does under --keep-best
+    for part in tr.NETWORKS:
+        for name, value in getattr(trained["agent"], part).state_dict().items():
+            assert torch.equal(value, seen[200][part][name]), (part, name)
 
 
 def test_the_q_comparison_scores_both_critics_on_the_same_states(tmp_path):
