@@ -229,6 +229,11 @@ def split_bounds(n: int, train_frac: float, val_frac: float) -> dict:
 
 
 # ENVIRONMENT ------------------------------------------------------------------------------------
+def observation_names(features: dict, relative_equity: bool) -> list[str]:
+    """The observation's columns: the market features, then the position and the equity (or its drawdown)."""
+    return [*features, "position", "equity_drawdown" if relative_equity else "equity"]
+
+
 class TradingEnv(gym.Env):
     """FORK: the environment. One asset, target-position actions, no look-ahead. At step t the agent
     observes C_t (and features up to t), chooses p_t in [-1, 1] (a fraction of equity) and earns over t -> t+1
@@ -255,7 +260,7 @@ class TradingEnv(gym.Env):
         self.episode_length = episode_length  # None: the whole split, from its start
         self.cost, self.risk_penalty, self.reward_scale = cost, risk_penalty, reward_scale
         self.initial_equity, self.relative_equity = initial_equity, relative_equity
-        self.names = [*features, "position", "equity_drawdown" if relative_equity else "equity"]
+        self.names = observation_names(features, relative_equity)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (len(self.names),), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.t = self.t_end = start
@@ -586,8 +591,8 @@ class TD3:
         return obs if self.normalizer is None else self.normalizer(obs)
 
     @torch.inference_mode()
-    def raw_action(self, obs: np.ndarray) -> np.ndarray:
-        """The actor's output before any noise or clipping (what the audit inspects)."""
+    def policy_action(self, obs: np.ndarray) -> np.ndarray:
+        """pi(s), the deterministic action: no noise, no clipping by the env (what the audit inspects)."""
         return self.actor(self.norm(torch.as_tensor(obs, dtype=torch.float32, device=self.device))).cpu().numpy()
 
     @torch.inference_mode()
@@ -685,7 +690,7 @@ def evaluate_split(agent: TD3, env: TradingEnv, periods_per_year: int) -> dict:
     obs, _ = env.reset(seed=0)
     observations, actions, returns, positions, equity, done = [], [], [], [], [env.equity], False
     while not done:
-        a = agent.raw_action(obs[None])[0]
+        a = agent.policy_action(obs[None])[0]
         observations.append(obs)
         actions.append(float(a[0]))
         obs, _, terminated, truncated, info = env.step(a)  # the env clips to [-1, 1]
@@ -1051,7 +1056,7 @@ def prepare_data(args: Args, market: Market, source: str) -> MarketData:
     features = market_features(market.close, market.volume, stationary=stationary)
     splits = split_bounds(len(market.close), args.train_frac, args.val_frac)
     lo, hi = splits["train"]
-    names = [*features, "position", "equity_drawdown" if stationary else "equity"]
+    names = observation_names(features, relative_equity=stationary)
     periods, frequency = (args.periods_per_year, "--periods-per-year") if args.periods_per_year \
         else (market.periods_per_year, market.frequency)
     return MarketData(market.close, features, names, splits, float(np.median(features["realized_vol_10"][lo:hi])),
@@ -1069,6 +1074,8 @@ def check_split_lengths(data: MarketData, args: Args) -> None:
 
 
 def trading_env(data: MarketData, split: str, args: Args, training: bool) -> TradingEnv:
+    """The env of one split: training episodes are random windows of --episode-length steps, else the whole
+    split from flat; the cost in fractions of equity; the equity as a drawdown in the stationary layout."""
     return TradingEnv(data.close, data.features, *data.splits[split],
                       episode_length=args.episode_length if training else None, cost=args.cost_bp * 1e-4,
                       risk_penalty=args.risk_penalty, reward_scale=args.reward_scale,
