@@ -723,9 +723,10 @@ def benchmark_metrics(close: np.ndarray, realized_vol: np.ndarray, bounds: tuple
 
 
 # THE TRAINING LOOP ------------------------------------------------------------------------------
-def train_agent(name: str, args: Args, data, normalizer: Optional[StateNormalizer], device: torch.device,
-                run_dir: str, stop, intrinsic: Optional[nn.Module] = None) -> dict:
+def train_agent(name: str, args: Args, data: "MarketData", normalizer: Optional[StateNormalizer], device: torch.device,
+                run_dir: str, stop: "StopOnSignal", intrinsic: Optional[nn.Module] = None) -> dict:
     """Train one agent on the train split; evaluate it on the validation split every eval_frequency steps.
+    data: the market, its splits and reference states (prepare_data); stop.signum: set by Ctrl-C or SIGTERM.
     Every agent of a run starts from the same seeds (weights, noise, replay indices, episode starts),
     so the only difference between the baseline and the intrinsic agent is w * r_int."""
     random.seed(args.seed)
