@@ -15,7 +15,7 @@ Reading map. The lesson comes first, in the order it runs; the machinery follows
   Actor, QNetwork, TwinQ                the networks                                 (FORK: a layer)
   ReplayBuffer, RunningMeanStd          what is stored, and --state-norm
   smoothing_noise, td3_target, TD3      the algorithm box: the two losses, one update (FORK: optimizer)
-  evaluate, audit                       the authors' protocol; kappa and the action bound
+  evaluate                              the authors' protocol and the paper's overestimation check
   main                                  the loop: act, step, store, update; when to evaluate, log, save
 """
 
@@ -161,7 +161,8 @@ class Actor(nn.Module):
 
 
 class QNetwork(nn.Module):
-    """Q(s, a): an MLP on concat(s, a). FORK: a layer (nn.LayerNorm, nn.Dropout, ...) goes here, both critics get it."""
+    """Q(s, a): an MLP on concat(s, a). FORK: a layer (nn.LayerNorm, ...) goes here, both critics get it; one that
+    acts otherwise in evaluation (nn.Dropout) needs agent.qf.eval() before evaluating, .train() after."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, int]):
         super().__init__()
@@ -284,8 +285,8 @@ def soft_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], tau: 
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, module: nn.Module, grads: dict) -> None:
-    """Put the gradients where every torch.optim optimizer reads them (p.grad), then one step. Every optimizer of
-    the script steps here. FORK: gradient clipping (torch.nn.utils.clip_grad_norm_) goes between the two."""
+    """Every optimizer's step: the gradients go where torch.optim reads them (p.grad), then one step.
+    FORK: gradient clipping (torch.nn.utils.clip_grad_norm_) goes between the two."""
     for name, param in module.named_parameters():
         # contiguous: fused Adam on CPU (torch 2.13) silently misreads the strided views torch.func may return
         param.grad = grads[name].contiguous()
@@ -305,14 +306,12 @@ class TD3:
         self.actor = Actor(obs_dim, low, high, args.hidden_sizes).to(device).requires_grad_(False)
         self.qf = TwinQ(obs_dim, action_space.shape[0], args.hidden_sizes).to(device).requires_grad_(False)
         self.actor_target, self.qf_target = copy.deepcopy(self.actor), copy.deepcopy(self.qf)
-        # FORK: the optimizer. Any torch.optim optimizer works here (e.g. torch.optim.AdamW); a scheduler is
-        # built here too and stepped in update() after its optimizer_step.
-        # fused=True runs Adam as one C++ kernel for all tensors instead of ~10 ops per tensor.
+        # FORK: the optimizer: any torch.optim optimizer (e.g. torch.optim.AdamW; a scheduler: build it here, step
+        # it in update()). fused=True runs Adam as one C++ kernel for all tensors instead of ~10 ops per tensor.
         self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=args.learning_rate, fused=True)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=True)
         self.normalizer = RunningMeanStd(obs_dim).to(device) if args.state_norm else None
-        self.action_low = torch.as_tensor(action_space.low, dtype=torch.float32, device=device)
-        self.action_high = torch.as_tensor(action_space.high, dtype=torch.float32, device=device)
+        self.action_low, self.action_high = (torch.as_tensor(b, dtype=torch.float32).to(device) for b in (low, high))
         self.n_updates, self.last_actor_loss = 0, None  # the loss of the last actor step, in every update's metrics
 
     def norm(self, obs: torch.Tensor) -> torch.Tensor:
@@ -509,8 +508,7 @@ def audit(agent: TD3, eval_obs: np.ndarray) -> dict:
 
 
 def scale_stats(x: np.ndarray, names: list[str]) -> dict:
-    """state_scale_summary.json's pre_stats/post_stats: per input dimension and over all, min, max, mean, std and
-    the 95th/99th percentiles of |x| (how far out the values that drive the tanh's saturation reach)."""
+    """state_scale_summary.json's pre_stats/post_stats: per dimension and overall: min, max, mean, std, p95/p99 |x|."""
     x = np.asarray(x, dtype=np.float64)
     absx = np.abs(x)
     per_dim = [{"idx": i, "name": names[i], "min": float(x[:, i].min()), "max": float(x[:, i].max()),
@@ -682,7 +680,7 @@ class RunFolder:
 
     def check_finite(self, agent: TD3, rb: ReplayBuffer, step: int) -> None:
         """Diverged if a logged loss or Q-value or a weight is NaN/inf: checked at every logging interval and
-        before anything is evaluated or saved, so no file ever holds a diverged network."""
+        before any evaluation is written or a model saved, so no file ever holds a diverged network."""
         bad = next(((name, v) for name, v in self.last_losses.items() if not math.isfinite(v)), None)
         weights = torch.stack([p.sum() for p in list(agent.actor.parameters()) + list(agent.qf.parameters())])
         if bad is None and not bool(torch.isfinite(weights).all()):
@@ -692,7 +690,7 @@ class RunFolder:
         finite_max = lambda x: float(x[torch.isfinite(x)].abs().max()) if x.numel() else 0.0  # noqa: E731
         max_reward, max_obs = finite_max(rb.storage[: rb.size, -2]), finite_max(rb.storage[: rb.size, : rb.obs_dim])
         causes = {  # cause: whether this run's numbers point at it
-            f"too high a learning rate (--learning-rate {self.args.learning_rate:g}; the default is 3e-4)":
+            f"too high a learning rate (--learning-rate {self.args.learning_rate:g}; default {Args.learning_rate:g})":
                 self.args.learning_rate > DIVERGENCE_HINTS["learning_rate"],
             f"the reward scale (|reward| up to {max_reward:.3g})": max_reward > DIVERGENCE_HINTS["reward"]}
         if not self.args.state_norm:  # never advise an option the run already uses
@@ -857,7 +855,7 @@ def load_agent_state(agent: TD3, state: dict) -> None:
 
 
 def rng_state(envs) -> dict:
-    """Every random state of the run, as tensors and plain values (what torch.load(weights_only=True) reads)."""
+    """The run's CPU random states, as tensors and plain values (what torch.load(weights_only=True) reads)."""
     kind, keys, *rest = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             "numpy": [kind, torch.as_tensor(keys.astype(np.int64)), *rest],

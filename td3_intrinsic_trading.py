@@ -322,7 +322,8 @@ class Actor(nn.Module):
 
 
 class QNetwork(nn.Module):
-    """Q(s, a): an MLP on concat(s, a). FORK: a layer (nn.LayerNorm, nn.Dropout, ...) goes here, both critics get it."""
+    """Q(s, a): an MLP on concat(s, a). FORK: a layer (nn.LayerNorm, ...) goes here, both critics get it; one that
+    acts otherwise in evaluation (nn.Dropout) needs agent.qf.eval() before evaluating, .train() after."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, int]):
         super().__init__()
@@ -541,8 +542,8 @@ def soft_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], tau: 
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, module: nn.Module, grads: dict) -> None:
-    """Put the gradients where every torch.optim optimizer reads them (p.grad), then one step. Every optimizer of
-    the script steps here. FORK: gradient clipping (torch.nn.utils.clip_grad_norm_) goes between the two."""
+    """Every optimizer's step: the gradients go where torch.optim reads them (p.grad), then one step.
+    FORK: gradient clipping (torch.nn.utils.clip_grad_norm_) goes between the two."""
     for name, param in module.named_parameters():
         # contiguous: fused Adam on CPU (torch 2.13) silently misreads the strided views torch.func may return
         param.grad = grads[name].contiguous()
@@ -575,9 +576,8 @@ class TD3:
         self.actor = Actor(obs_dim, low, high, sizes).to(device).requires_grad_(False)
         self.qf = TwinQ(obs_dim, 1, sizes).to(device).requires_grad_(False)
         self.actor_target, self.qf_target = copy.deepcopy(self.actor), copy.deepcopy(self.qf)
-        # FORK: the optimizer. Any torch.optim optimizer works here (e.g. torch.optim.AdamW); a scheduler is
-        # built here too and stepped in update() after its optimizer_step.
-        # fused=True runs Adam as one C++ kernel for all tensors instead of ~10 ops per tensor.
+        # FORK: the optimizer: any torch.optim optimizer (e.g. torch.optim.AdamW; a scheduler: build it here, step
+        # it in update()). fused=True runs Adam as one C++ kernel for all tensors instead of ~10 ops per tensor.
         self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=args.learning_rate, fused=True)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=True)
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -863,8 +863,7 @@ def action_saturation_stats(actions) -> dict:
 
 
 def scale_stats(x: np.ndarray, names: list[str]) -> dict:
-    """state_scale_summary.json's pre_stats/post_stats: per input dimension and over all, min, max, mean, std and
-    the 95th/99th percentiles of |x| (how far out the values that drive the tanh's saturation reach)."""
+    """state_scale_summary.json's pre_stats/post_stats: per dimension and overall: min, max, mean, std, p95/p99 |x|."""
     x = np.asarray(x, dtype=np.float64)
     absx = np.abs(x)
     per_dim = [{"idx": i, "name": names[i], "min": float(x[:, i].min()), "max": float(x[:, i].max()),
