@@ -75,7 +75,7 @@ class Args:
     resume: Optional[str] = None
     """path of a checkpoint.pt: continue its run with its saved settings (--threads, --cuda, --compile may change)"""
     eval_only: bool = False
-    """only evaluate the model in --checkpoint and exit"""
+    """only evaluate the model in --checkpoint, with its settings (but --seed, --eval-episodes, --threads, --cuda)"""
     checkpoint: Optional[str] = None
     """model.pt or checkpoint.pt to evaluate with --eval-only"""
 
@@ -294,11 +294,10 @@ def optimizer_step(optimizer: torch.optim.Optimizer, module: nn.Module, grads: d
 
 
 class TD3:
-    """Actor, twin critic, their targets and optimizers; `update` is one step of the algorithm box.
-    Gradients come from torch.func, as CleanRL's JAX script uses jax.value_and_grad: a loss is a
-    function of the weights and grad_and_value returns its gradient. The weights need no autograd
-    graph (requires_grad off: backward() or a tensor hook fails loudly rather than doing nothing),
-    and torch.compile makes each gradient one graph (--compile, set up below the signpost)."""
+    """Actor, twin critic, their targets and optimizers; `update` is one step of the algorithm box. Gradients
+    come from torch.func, as CleanRL's JAX script uses jax.value_and_grad: a loss is a function of the weights
+    and grad_and_value returns its gradient. The weights need no autograd graph (requires_grad off: backward()
+    or a tensor hook fails loudly rather than doing nothing), and torch.compile makes each gradient one graph."""
 
     def __init__(self, obs_dim: int, action_space: gym.spaces.Box, args: Args, device: torch.device):
         self.args, self.device = args, device
@@ -402,7 +401,7 @@ def main(args: Args) -> dict:
     check_args(args)
     if args.eval_only:
         return eval_only(args)
-    args, checkpoint = load_resume(args)  # --resume: the arguments and state saved in a checkpoint.pt
+    args, checkpoint = load_saved(args)  # --resume: the arguments and state saved in a checkpoint.pt
     device = setup_torch(args)
     # SAME_STEP autoreset: see transitions_to_store; the episode statistics land in infos["episode"]
     envs = gym.wrappers.vector.RecordEpisodeStatistics(checked_env(args.env_id, lambda: gym.vector.SyncVectorEnv(
@@ -583,7 +582,7 @@ def setup_torch(args: Args) -> torch.device:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.compile:
+    if args.compile and not args.eval_only:  # eval-only builds no graph
         require_cxx_compiler(device)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -890,15 +889,17 @@ def load_torch_file(path: str, what: str) -> dict:
     return state
 
 
-def load_resume(args: Args) -> tuple[Args, Optional[dict]]:
-    """--resume: the checkpoint's settings (--threads/--cuda/--compile as given, else saved), the checkpoint."""
-    state = load_torch_file(args.resume, "--resume") if args.resume else None
-    if state is not None and "buffer" not in state:
+def load_saved(args: Args, own: tuple = ("resume", "threads", "cuda", "compile")) -> tuple[Args, Optional[dict]]:
+    """--resume or --eval-only: the checkpoint's settings and the checkpoint. The settings in `own` come from the
+    command line where given; any other given there (not its default) unlike the saved one is refused, never dropped."""
+    path, flag = (args.checkpoint, "--eval-only") if args.eval_only else (args.resume, "--resume")
+    state = load_torch_file(path, flag) if path else None
+    if state is not None and not args.eval_only and "buffer" not in state:
         raise UserError(f"'{args.resume}' has no replay buffer: resume from a checkpoint.pt (--checkpoint-frequency N)")
-    saved, own = state["args"] if state else args, ("resume", "threads", "cuda", "compile")  # where from and how fast
+    saved = state["args"] if state else args
     for (name, value), old in zip(dataclasses.asdict(args).items(), dataclasses.astuple(saved)):
         if name not in own and value != getattr(Args(), name) and value != old:  # given (not the default), not saved
-            raise UserError(f"--{name.replace('_', '-')} {value}: --resume keeps the checkpoint's settings ({old})")
+            raise UserError(f"--{name.replace('_', '-')} {value}: {flag} keeps the checkpoint's settings ({old})")
     return dataclasses.replace(saved, **{k: vars(args)[k] for k in own if vars(args)[k] != getattr(Args, k)}), state
 
 
@@ -911,16 +912,15 @@ def start_or_resume(envs, agent: TD3, rb: ReplayBuffer, args: Args, checkpoint: 
     rb.pos, rb.size = checkpoint["buffer"]["pos"], checkpoint["buffer"]["size"]
     rb.storage[: rb.size] = checkpoint["buffer"]["storage"].to(rb.device)
     set_rng_state(checkpoint["rng"], envs)
-    # The env state itself cannot be saved (MuJoCo), so the episode in progress at the
-    # checkpoint is cut: fresh episodes start from a seed that depends on the step.
+    # The env state cannot be saved (MuJoCo): the episode in progress is cut; new ones start from a step-dependent seed
     return envs.reset(seed=args.seed + checkpoint["global_step"])[0], checkpoint["global_step"]
 
 
 def eval_only(args: Args) -> dict:
-    """--eval-only --checkpoint PATH: the evaluation protocol once; seed and episodes as given, else as saved."""
-    state = load_torch_file(args.checkpoint, "--checkpoint")
-    given = {k: getattr(args, k) for k in ("seed", "eval_episodes") if getattr(args, k) != getattr(Args(), k)}
-    saved = dataclasses.replace(state["args"], threads=args.threads, cuda=args.cuda, compile=False, **given)
+    """--eval-only --checkpoint PATH: the evaluation protocol once, with the checkpoint's settings (load_saved)."""
+    saved, state = load_saved(args, ("eval_only", "checkpoint", "runs_dir", "seed", "eval_episodes", "threads",
+                                     "cuda", "compile"))
+    given = [k for k in ("seed", "eval_episodes") if getattr(args, k) != getattr(Args(), k)]
     device = setup_torch(saved)
     run_dir = os.path.join(args.runs_dir, f"{saved.env_id.replace(':', '_')}__{saved.exp_name}-eval__{saved.seed}__"
                                           f"{int(time.time())}")

@@ -489,16 +489,16 @@ def test_resume_keeps_the_saved_settings_but_takes_runtime_flags_from_the_comman
     state["args"].update(compile=True, total_timesteps=900)  # as if a compiled 900-step run had stopped at 600
     torch.save(state, ckpt)
     with pytest.raises(td3.UserError) as err:  # a setting given that is neither the default nor the saved one
-        td3.load_resume(td3.Args(resume=ckpt, total_timesteps=4000))
+        td3.load_saved(td3.Args(resume=ckpt, total_timesteps=4000))
     assert str(err.value) == "--total-timesteps 4000: --resume keeps the checkpoint's settings (900)"
     with pytest.raises(td3.UserError, match=r"^--hidden-sizes \(256, 128\): .* \(\(64, 64\)\)$"):
-        td3.load_resume(td3.Args(resume=ckpt, hidden_sizes=(256, 128)))
+        td3.load_saved(td3.Args(resume=ckpt, hidden_sizes=(256, 128)))
     # the saved value given again, or a default (not told apart from "not given"), changes nothing
-    args, _ = td3.load_resume(td3.Args(resume=ckpt, env_id="Pendulum-v1", batch_size=32, threads=1, compile=False,
+    args, _ = td3.load_saved(td3.Args(resume=ckpt, env_id="Pendulum-v1", batch_size=32, threads=1, compile=False,
                                        cuda=False))
     assert (args.total_timesteps, args.batch_size, args.learning_starts, args.hidden_sizes) == (900, 32, 200, (64, 64))
     assert (args.threads, args.compile, args.cuda, args.resume) == (1, False, False, ckpt)
-    args, _ = td3.load_resume(td3.Args(resume=ckpt))  # no runtime flag given: the run's own
+    args, _ = td3.load_saved(td3.Args(resume=ckpt))  # no runtime flag given: the run's own
     assert (args.threads, args.compile, args.cuda) == (0, True, False)  # as saved (compile: set above)
     # a checkpoint of a compiled run resumes with --no-compile on a machine without a C++ compiler
     monkeypatch.setattr(td3.shutil, "which", lambda name: None)
@@ -523,11 +523,17 @@ def test_eval_only_takes_seed_and_episodes_from_the_checkpoint_unless_given(save
     again = td3.main(td3.Args(eval_only=True, checkpoint=model, runs_dir=str(tmp_path), threads=threads))
     assert again["eval_return_mean"] == summary["eval_return_last"]  # the training run's own evaluation
     assert (again["seed"], again["eval_episodes"], again["from_command_line"]) == (2, 2, [])
-    assert (seen[-1].threads, seen[-1].cuda, seen[-1].compile) == (threads, True, False)  # saved: 0 and False
+    assert (seen[-1].threads, seen[-1].cuda) == (threads, False)  # --threads as given; --cuda as saved (off)
     assert read_json(os.path.join(again["run_dir"], "summary.json")) == again
     given = td3.main(td3.Args(eval_only=True, checkpoint=model, runs_dir=str(tmp_path), cuda=False, eval_episodes=3))
     assert (given["seed"], given["eval_episodes"], len(given["eval_returns"])) == (2, 3, 3)
     assert given["from_command_line"] == ["eval_episodes"] and "__2__" in os.path.basename(given["run_dir"])
+    # a setting that would change what is evaluated is refused, not silently replaced by the saved one
+    for flag, value, saved in (("env_id", "Walker2d-v5", "Pendulum-v1"), ("gamma", 0.9, 0.99)):
+        with pytest.raises(td3.UserError) as err:
+            td3.main(td3.Args(eval_only=True, checkpoint=model, runs_dir=str(tmp_path), **{flag: value}))
+        assert str(err.value) == f"--{flag.replace('_', '-')} {value}: --eval-only keeps the checkpoint's settings " \
+                                 f"({saved})"
 
 
 @pytest.mark.xdist_group("saved_model")  # one worker trains the shared run once
