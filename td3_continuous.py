@@ -893,7 +893,7 @@ def load_saved(args: Args, own: tuple = ("resume", "threads", "cuda", "compile")
     """--resume or --eval-only: the checkpoint's settings and the checkpoint. The settings in `own` come from the
     command line where given; any other given there (not its default) unlike the saved one is refused, never dropped."""
     path, flag = (args.checkpoint, "--eval-only") if args.eval_only else (args.resume, "--resume")
-    state = load_torch_file(path, flag) if path else None
+    state = load_torch_file(path, "--checkpoint" if args.eval_only else flag) if path else None
     if state is not None and not args.eval_only and "buffer" not in state:
         raise UserError(f"'{args.resume}' has no replay buffer: resume from a checkpoint.pt (--checkpoint-frequency N)")
     saved = state["args"] if state else args
