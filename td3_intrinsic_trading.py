@@ -814,6 +814,7 @@ def main(args: Args) -> dict:
         for t in trained.values():
             if args.keep_best and t["best"]["state"] is not None:  # None: no evaluation after learning started
                 t["agent"].load_state_dicts(t["best"]["state"])
+                t["selected_step"] = t["best"]["step"]
         return report(args, run_dir, data, normalizer, trained, final_test, final_pair)  # test, audit files, table
 
 
@@ -1199,8 +1200,7 @@ def report(args: Args, run_dir: str, data: MarketData, normalizer: Optional[Stat
     fit_range = (inputs.min(axis=0), inputs.max(axis=0))  # the range the networks saw fitted: the shift yardstick
     result = evaluation_report(args, run_dir, data, agents, normalizer, fit_range, ["val", "test"])
     write_scale_summary(run_dir, args, data.names, data.fit_states, normalizer, result)
-    selected = {name: args.total_timesteps if not args.keep_best or t["best"]["state"] is None else t["best"]["step"]
-                for name, t in trained.items()}
+    selected = {name: t.get("selected_step", args.total_timesteps) for name, t in trained.items()}  # step tested
     paired, diagnosis, per_eval = None, None, []
     if {"baseline", "intrinsic"} <= set(trained):  # what training with r_int did: the final policies, on test
         paired = {**final_pair, "intrinsic_mean_delta": agents["intrinsic"].intrinsic_mean_delta()}
