@@ -783,7 +783,7 @@ def main(args: Args) -> dict:
     if args.state_norm:
         normalizer = StateNormalizer(data.names, args.state_norm_kind, args.log_volume).fit(data.fit_states).to(device)
     run_dir = make_run_dir(args, data.source, "")
-    write_scale_summary(run_dir, args, data.names, data.fit_states, normalizer)
+    write_scale_summary(run_dir, args, data, normalizer)
     names = agent_names(args)  # the baseline (w = 0) and the intrinsic agent, on identical seeds
     # the intrinsic agent's bonus r_int (FORK: build another intrinsic reward here)
     intrinsic = {name: RND(args.intrinsic_kind, len(data.names), args.seed, args.rnd_hidden).to(device)
@@ -1037,6 +1037,7 @@ class MarketData:
     close: np.ndarray
     features: dict  # market_features() in the run's layout (raw or stationary)
     names: list  # of the observation: the features, then position and equity (or its drawdown)
+    stationary: bool  # relative layout (--state-norm with --stationary): close over its 20-bar high, drawdown
     splits: dict  # name -> [start, end)
     vol_threshold: float  # the rule baseline's threshold: median realized vol of the train split
     source: str  # for the run name: the CSV's file name or synthetic{market_seed}
@@ -1053,15 +1054,15 @@ def load_market(args: Args) -> tuple[Market, str]:
 
 def prepare_data(args: Args, market: Market, source: str) -> MarketData:
     """Features in the run's layout; the three chronological splits and "all" (every usable row)."""
-    stationary = args.state_norm and args.stationary
+    stationary = args.state_norm and args.stationary  # the raw run keeps raw levels: the freeze demo (R1)
     features = market_features(market.close, market.volume, stationary=stationary)
     splits = split_bounds(len(market.close), args.train_frac, args.val_frac)
     lo, hi = splits["train"]
     names = observation_names(features, relative_equity=stationary)
     periods, frequency = (args.periods_per_year, "--periods-per-year") if args.periods_per_year \
         else (market.periods_per_year, market.frequency)
-    return MarketData(market.close, features, names, splits, float(np.median(features["realized_vol_10"][lo:hi])),
-                      source, periods, frequency)
+    return MarketData(market.close, features, names, stationary, splits,
+                      float(np.median(features["realized_vol_10"][lo:hi])), source, periods, frequency)
 
 
 def check_split_lengths(data: MarketData, args: Args) -> None:
@@ -1080,7 +1081,7 @@ def trading_env(data: MarketData, split: str, args: Args, training: bool) -> Tra
     return TradingEnv(data.close, data.features, *data.splits[split],
                       episode_length=args.episode_length if training else None, cost=args.cost_bp * 1e-4,
                       risk_penalty=args.risk_penalty, reward_scale=args.reward_scale,
-                      initial_equity=args.initial_equity, relative_equity=args.state_norm and args.stationary)
+                      initial_equity=args.initial_equity, relative_equity=data.stationary)
 
 
 def agent_names(args: Args) -> list[str]:
@@ -1199,10 +1200,10 @@ def report(args: Args, run_dir: str, data: MarketData, normalizer: Optional[Stat
     inputs = network_inputs(data.fit_states, normalizer)
     fit_range = (inputs.min(axis=0), inputs.max(axis=0))  # the range the networks saw fitted: the shift yardstick
     result = evaluation_report(args, run_dir, data, agents, normalizer, fit_range, ["val", "test"])
-    write_scale_summary(run_dir, args, data.names, data.fit_states, normalizer, result)
+    write_scale_summary(run_dir, args, data, normalizer, result)
     selected = {name: t.get("selected_step", args.total_timesteps) for name, t in trained.items()}  # step tested
     paired, diagnosis, per_eval = None, None, []
-    if {"baseline", "intrinsic"} <= set(trained):  # what training with r_int did: the final policies, on test
+    if final_pair is not None:  # both agents trained: what training with r_int did, the final policies on test
         paired = {**final_pair, "intrinsic_mean_delta": agents["intrinsic"].intrinsic_mean_delta()}
         evals = zip(logs["baseline"].val_results, logs["baseline"].history, logs["intrinsic"].val_results,
                     logs["intrinsic"].history)
@@ -1228,7 +1229,7 @@ def report(args: Args, run_dir: str, data: MarketData, normalizer: Optional[Stat
         save_model(os.path.join(run_dir, "model.pt"), args, data, agents, fit_range, selected)
     val = {name: res["metrics"] for name, res in result["results"]["val"].items()}  # the kept agents'
     summary = {"status": "completed", "exit_code": EXIT_CODES["completed"], "run_dir": run_dir, "seed": args.seed,
-               "state_norm": args.state_norm, "stationary": args.state_norm and args.stationary,
+               "state_norm": args.state_norm, "stationary": data.stationary,
                "total_timesteps": args.total_timesteps, "periods_per_year": data.periods_per_year,
                "frequency": data.frequency, "test": result["eval"], "selected_step": selected,
                "val": val, "val_benchmarks": result["benchmarks"]["val"],
@@ -1290,13 +1291,14 @@ def evaluation_report(args: Args, run_dir: str, data: MarketData, agents: dict, 
             "distribution_shift": distribution_shift(shift, saturation, fix=input_fix(args))}
 
 
-def write_scale_summary(run_dir: str, args: Args, names: list[str], ref: np.ndarray,
-                        normalizer: Optional[StateNormalizer], result: Optional[dict] = None) -> None:
+def write_scale_summary(run_dir: str, args: Args, data: MarketData, normalizer: Optional[StateNormalizer],
+                        result: Optional[dict] = None) -> None:
     """state_scale_summary.json: the fit sample, raw and as the networks see it; after training, the shift."""
+    names, ref = data.names, data.fit_states
     pre, post = scale_stats(ref, names), scale_stats(network_inputs(ref, normalizer), names)
     summary = {"mode": args.state_norm_kind if args.state_norm else "none",
                "log_volume": bool(args.state_norm and args.log_volume),
-               "stationary": args.state_norm and args.stationary,
+               "stationary": data.stationary,
                "feature_names": names, "feature_transforms": dict(zip(names, feature_transforms(args, names))),
                "fit_sample_count": len(ref), "pre_stats": pre, "post_stats": post,
                "p99_abs_spread": {"pre": p99_abs_spread(pre), "post": p99_abs_spread(post)}}
