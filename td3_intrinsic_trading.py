@@ -668,8 +668,9 @@ def performance_metrics(step_returns: np.ndarray, positions: np.ndarray, periods
     equity = np.concatenate([[1.0], np.cumprod(1.0 + r)])
     n, mean, std = len(r), float(r.mean()), float(r.std())
     downside = float(np.sqrt(np.mean(np.minimum(r, 0.0) ** 2)))
-    return {"total_return": float(equity[-1] - 1.0),
-            "annualized_return": float(equity[-1] ** (periods_per_year / n) - 1.0) if equity[-1] > 0 else -1.0,
+    # annualized in logs: equity ** (P/n) overflows on a short split of many bars a year (None: beyond a float)
+    growth = periods_per_year / n * math.log(equity[-1]) if equity[-1] > 0 else -math.inf
+    return {"total_return": float(equity[-1] - 1.0), "annualized_return": math.expm1(growth) if growth < 700 else None,
             "volatility": std * math.sqrt(periods_per_year),
             "sharpe": mean / std * math.sqrt(periods_per_year) if std > 0 else 0.0,
             "sortino": mean / downside * math.sqrt(periods_per_year) if downside > 0 else 0.0,
@@ -1061,8 +1062,8 @@ def prepare_data(args: Args, market: Market, source: str) -> MarketData:
     names = observation_names(features, relative_equity=stationary)
     periods, frequency = (args.periods_per_year, "--periods-per-year") if args.periods_per_year \
         else (market.periods_per_year, market.frequency)
-    return MarketData(market.close, features, names, stationary, splits,
-                      float(np.median(features["realized_vol_10"][lo:hi])), source, periods, frequency)
+    threshold = float(np.median(features["realized_vol_10"][lo:hi])) if hi > lo else math.nan  # eval-only: none
+    return MarketData(market.close, features, names, stationary, splits, threshold, source, periods, frequency)
 
 
 def check_split_lengths(data: MarketData, args: Args) -> None:
@@ -1147,6 +1148,7 @@ class TrainingLog:
         if not args.state_norm:  # never advise an option the run already uses
             causes["unnormalized inputs (price and equity levels ~1e2-1e5; use --state-norm)"] = True
         likely = [cause for cause, flagged in causes.items() if flagged] or list(causes)
+        self.writer.close()  # the agent ends here: its TensorBoard file is closed as a completed run's is
         raise Diverged(f"[{self.name}] training diverged at step {step}: {bad[0]} = {bad[1]:g}. "
                        f"Likely cause: {'; or '.join(likely)}", self.name, step)
 
@@ -1683,9 +1685,10 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     if hi - lo < 2:
         raise UserError(f"the {args.eval_split} split of {data.source} has {hi - lo} rows; pick --eval-split all")
     threshold = "the median realized vol of this data's train split"
-    if args.eval_split == "all":  # no data before the evaluated rows to fit it on: the training run's
+    if args.eval_split == "all" or math.isnan(data.vol_threshold):  # no data before the evaluated rows to fit it on
         data.vol_threshold = float(model["vol_filter_threshold"])
-        threshold = "the training run's (--eval-split all leaves no earlier data to fit one on)"
+        threshold = ("the training run's (" + ("--eval-split all leaves" if args.eval_split == "all" else
+                                               "this data's train split has") + " no earlier data to fit one on)")
     normalizer, saved_normalizer = None, next(iter(model["agents"].values()))["normalizer"]  # one for every agent
     if saved_normalizer is not None:
         normalizer = StateNormalizer(data.names, run_args.state_norm_kind, run_args.log_volume).to(device)

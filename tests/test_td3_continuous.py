@@ -55,16 +55,17 @@ def run_cli(capsys, monkeypatch, *argv):
 
 # --- mechanisms, by hand ------------------------------------------------------------------------
 def test_td3_target_clipped_double_q_with_smoothing_by_hand():
-    next_obs = torch.tensor([[1.0], [2.0]])
-    actor_target = lambda o: 0.5 * o  # pi'(s') = [0.5, 1.0]
+    next_obs = torch.tensor([[1.0], [2.0], [-4.0], [3.0]])
+    actor_target = lambda o: 0.5 * o  # pi'(s') = [0.5, 1.0, -2.0, 1.5]
     qf_target = lambda o, a: torch.stack([(o + a).squeeze(-1), (2 * o - a).squeeze(-1)])
-    noise = torch.tensor([[0.3], [0.2]])
-    # next actions: clamp([0.8, 1.2], -1, 1) = [0.8, 1.0]
-    # Q1' = [1.8, 3.0], Q2' = [1.2, 3.0], min = [1.2, 3.0]
-    # y = [1 + 0.9 * 1.2, -1 + 0.9 * 0 * 3.0] (second transition terminated)
-    y = td3.td3_target(actor_target, qf_target, next_obs, torch.tensor([1.0, -1.0]), torch.tensor([0.0, 1.0]),
-                       noise, 0.9, torch.tensor([-1.0]), torch.tensor([1.0]))
-    assert torch.allclose(y, torch.tensor([2.08, -1.0]))
+    noise = torch.tensor([[0.3], [0.2], [-0.1], [0.0]])
+    # next actions: clamp([0.8, 1.2, -2.1, 1.5], -1, 1) = [0.8, 1.0, -1.0, 1.0] (both bounds reached)
+    # Q1' = [1.8, 3.0, -5.0, 4.0], Q2' = [1.2, 3.0, -7.0, 5.0], min = [1.2, 3.0, -7.0, 4.0]
+    # y = [1 + 0.9 * 1.2, -1 + 0.9 * 3.0, 0.5 + 0.9 * -7.0, 2 + 0.9 * 0 * 4.0] (the last transition terminated)
+    # without the clamp rows 2 and 3 would read 1.52 and -4.99
+    y = td3.td3_target(actor_target, qf_target, next_obs, torch.tensor([1.0, -1.0, 0.5, 2.0]),
+                       torch.tensor([0.0, 0.0, 0.0, 1.0]), noise, 0.9, torch.tensor([-1.0]), torch.tensor([1.0]))
+    assert torch.allclose(y, torch.tensor([2.08, 1.70, -5.8, 2.0]))
 
 
 def test_smoothing_noise_is_clipped_per_dimension():
@@ -123,16 +124,56 @@ def flat(module):
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
 
 
+def test_audit_by_hand_on_actors_of_known_output():
+    """The saturation audit on actors whose output is known (fc_mu's weight zeroed: u = its bias on every state):
+    pinned at the upper bound, at the middle, at tanh(u) = 0.6; bounds [-2, 1], so a = 1.5 tanh(u) - 0.5."""
+    agent = make_agent()
+    obs = np.random.default_rng(0).normal(size=(50, 3))
+    fc_mu = agent.actor.fc_mu
+
+    def audit_with_bias(u):
+        with torch.no_grad():
+            fc_mu.weight.zero_()
+            fc_mu.bias.fill_(u)
+        return td3.audit(agent, obs)
+
+    pinned = audit_with_bias(100.0)
+    assert pinned["near_bound_ratio"] == 1.0 and pinned["actor_collapse_detected"]
+    assert pinned["kappa_mean"] == pinned["kappa_p10"] == 0.0
+    assert pinned["action_mean"] == pytest.approx(1.0) and pinned["action_std"] == 0.0
+    assert pinned["actor_grad_norm"] == 0.0  # tanh's gate is closed: no gradient reaches the actor
+    middle = audit_with_bias(0.0)
+    assert middle["near_bound_ratio"] == 0.0 and not middle["actor_collapse_detected"]
+    assert middle["kappa_mean"] == middle["kappa_p10"] == 1.0 and middle["action_mean"] == pytest.approx(-0.5)
+    inside = audit_with_bias(math.log(2.0))  # atanh(0.6) = ln 2
+    assert inside["kappa_mean"] == pytest.approx(0.64) and inside["action_mean"] == pytest.approx(0.4)
+    # the gradient of -mean Q1(s, pi(s)), by the chain rule: only fc_mu gets one (its zero weight stops the rest);
+    # d/du = -dQ1/da * 1.5 * kappa / n per state, times fc_mu's input h for the weight
+    o = torch.as_tensor(obs, dtype=torch.float32)
+    a = torch.full((50, 1), 0.4, requires_grad=True)
+    dq_da = torch.autograd.grad(agent.qf.q1(o, a).sum(), a)[0]
+    with torch.no_grad():
+        h = torch.relu(agent.actor.fc2(torch.relu(agent.actor.fc1(o))))
+        d_du = -dq_da * 1.5 * 0.64 / 50
+        expected = torch.sqrt(d_du.sum() ** 2 + (d_du * h).sum(dim=0).square().sum())
+    assert inside["actor_grad_norm"] == pytest.approx(expected.item(), rel=1e-4)
+    assert inside["actor_grad_norm"] > 0
+
+
 def test_delayed_actor_and_target_updates_count_and_polyak():
     agent = make_agent(policy_frequency=2, tau=0.1)
     actor0, actor_target0, qf_target0 = flat(agent.actor), flat(agent.actor_target), flat(agent.qf_target)
-    agent.update(random_batch(seed=1))  # update 1: critic only
+    assert agent.update(random_batch(seed=1))["actor_loss"] is None  # update 1: critic only
     assert torch.equal(flat(agent.actor), actor0)
     assert torch.equal(flat(agent.actor_target), actor_target0)
     assert torch.equal(flat(agent.qf_target), qf_target0)
     assert not torch.equal(flat(agent.qf), flat(agent.qf_target))  # the critic did move
+    obs, actor_before = random_batch(seed=2)[0], copy.deepcopy(agent.actor)
     metrics = agent.update(random_batch(seed=2))  # update 2: critic, actor, then targets
-    assert "actor_loss" in metrics
+    # the actor's loss -mean Q1(s, pi(s)): the critic after this update's critic step, the actor before its own
+    with torch.no_grad():
+        assert metrics["actor_loss"].item() == pytest.approx(-agent.qf.q1(obs, actor_before(obs)).mean().item(),
+                                                             rel=1e-6)
     assert not torch.equal(flat(agent.actor), actor0)
     # one Polyak step of tau = 0.1 from the initial targets toward the current networks
     assert torch.allclose(flat(agent.actor_target), 0.9 * actor_target0 + 0.1 * flat(agent.actor), atol=1e-7)
@@ -339,9 +380,8 @@ def test_main_on_tiny_env_stores_only_real_transitions_and_writes_run_folder(tmp
 
     sat = read_json(os.path.join(run_dir, "td3_action_saturation.json"))
     agent = sat["agents"]["td3"]
-    assert len(agent["history"]) == 2
-    for key in ("near_bound_ratio", "actor_collapse_detected", "kappa_mean", "kappa_p10"):
-        assert key in agent["summary"]
+    assert [row["global_step"] for row in agent["history"]] == [300, 600]
+    assert agent["history"][-1] == {"global_step": 600, **agent["summary"]}  # the audit's numbers: by hand above
     scale = read_json(os.path.join(run_dir, "state_scale_summary.json"))
     assert scale["mode"] == "none" and scale["feature_names"] == ["obs_0", "obs_1"]
     pre = scale["pre_stats"]["per_dim"]

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import td3_intrinsic_trading as tr
 from unsafe_model import assert_code_running_model_file_is_refused
@@ -747,6 +748,13 @@ def test_a_diverging_agent_side_by_side_stops_the_other(tmp_path, capsys, thread
     assert 500 < step <= 500 + tr.LOG_EVERY_UPDATES  # |r_tot| ~ 1e30: the first logged loss is inf
     assert err.startswith(f"error: [intrinsic] training diverged at step {step}: ") and "--intrinsic-coef 1e+30" in err
     assert 0 < summary["steps"]["baseline"] < 20000  # stopped, not left to run its steps
+    # its TensorBoard curves reach the divergence: the writer (which flushes in the background) was closed before
+    # the agent's process ended
+    events = EventAccumulator(os.path.join(run_dir, "intrinsic")).Reload()
+    assert [e.step for e in events.Scalars("losses/qf_loss")] == [step]
+    name, value = err.split(": ")[2].split(". ")[0].split(" = ")  # what diverged, as the message names it
+    assert name in {"qf1_values", "qf2_values", "qf1_loss", "qf2_loss", "qf_loss", "actor_loss"}
+    assert str(events.Scalars(f"losses/{name}")[-1].value) == str(float(value))  # inf or nan
 
 
 def test_an_agent_process_that_dies_is_an_error_not_a_hang(tmp_path):
@@ -794,6 +802,9 @@ def test_performance_metrics_by_hand():
     assert m["annualized_return"] == pytest.approx(1.055241 ** (252 / 4) - 1)
     assert m["turnover"] == pytest.approx(2.5)  # 1 + 0.5 + 1 + 0
     assert m["volatility"] == pytest.approx(0.055 * math.sqrt(252))
+    # four hourly crypto bars (8760 a year) that gain half each: 5.0625 ** 2190 is beyond a float, not a crash
+    assert tr.performance_metrics(np.full(4, 0.5), np.ones(4), 8760)["annualized_return"] is None
+    assert tr.performance_metrics(np.array([-1.0, 0.0]), np.ones(2), 252)["annualized_return"] == -1.0  # ruin
 
 
 def test_flat_and_buy_and_hold_benchmarks():
@@ -1241,6 +1252,15 @@ def test_eval_only_reproduces_the_test_split_and_reads_another_csv(saved_run, tm
                             cuda=False))
     assert other["all"]["steps"] == 400 - tr.WARMUP - 1
     assert set(other["all"]["agents"]) == {"baseline", "intrinsic"}
+    close = m.close[tr.WARMUP:]  # buy and hold from the first usable row, one entry cost of 10 bp
+    assert other["all"]["buy_and_hold"]["total_return"] == pytest.approx(
+        (close[1] / close[0] - 1e-3) * np.prod(close[2:] / close[1:-1]) - 1)
+    # a train split left empty (20 rows of warm-up, 5% of 400): the training run's threshold, said so
+    short = tr.main(tr.Args(eval_only=True, checkpoint=model, data_csv=path, train_frac=0.05, runs_dir=str(tmp_path),
+                            cuda=False))
+    assert short["vol_filter_threshold"] == {"value": summary["test"]["vol_filter_threshold"],
+                                             "from": "the training run's (this data's train split has no earlier "
+                                                     "data to fit one on)"}
 
 
 @pytest.mark.xdist_group("compiled_trading")
