@@ -813,7 +813,7 @@ def main(args: Args) -> dict:
         # long enough fits the noise of the ~7000 train steps; validation Sharpe says when that starts. The kept
         # step's actor, critic and their targets (model.pt then holds one consistent agent) are tested.
         for t in trained.values():
-            if args.keep_best and t["best"]["state"] is not None:  # None: no evaluation after learning started
+            if args.keep_best and t["best"]["state"] is not None:  # None: every Sharpe after learning started NaN
                 t["agent"].load_state_dicts(t["best"]["state"])
                 t["selected_step"] = t["best"]["step"]
         return report(args, run_dir, data, normalizer, trained, final_test, final_pair)  # test, audit files, table
@@ -825,7 +825,7 @@ LOG_EVERY_UPDATES = 100  # metrics are read back (.item() waits for the device) 
 PROGRESS_EVERY_SECONDS = 30.0  # a progress line at least this often: a long run never looks hung
 NEAR_BOUND, COLLAPSE_RATIO = 0.999, 0.95  # |a| >= 0.999 a_max is "at the bound"; collapse: at it on >= 95%
 SHIFT_CLIP_RATIO, SHIFT_NEAR_BOUND = 0.01, 0.5  # shift audit: a feature at the clip on >= 1%; the actor on >= 50%
-MIN_ROWS = 200  # fewer rows cannot fill three splits after the warm-up
+MIN_ROWS = 200  # a shorter file is refused at once; the splits' lengths are checked after (check_split_lengths)
 MISSING_VALUES = {"", "null"}  # what Yahoo-style exports write on holidays: the row is skipped
 MAX_STEP_MOVE, MIN_STEP_MOVE = 1.0, -0.9  # a one-step close move beyond +100% / -90% is likely a data error
 SPLIT_RATIOS = (2, 3, 4, 5, 10)  # usual stock split ratios: without adjusted prices, such a one-step move is named
@@ -1130,8 +1130,8 @@ class TrainingLog:
         self.check_finite(agent, step)
 
     def check_finite(self, agent: TD3, step: int) -> None:
-        """Diverged if a logged loss, Q-value, r_tot or a weight is NaN/inf: at every logging interval and
-        before every evaluation, so no evaluated or kept network has diverged."""
+        """Diverged if a logged loss, Q-value, r_tot or an actor or critic weight is NaN/inf: at every logging
+        interval and before every evaluation, so no evaluated or kept network has diverged."""
         bad = next(((name, value) for name, value in self.last_values.items() if not math.isfinite(value)), None)
         weights = torch.stack([p.sum() for p in list(agent.actor.parameters()) + list(agent.qf.parameters())])
         if bad is None and not bool(torch.isfinite(weights).all()):
@@ -1415,7 +1415,7 @@ def read_csv_rows(path: str) -> tuple[list[list[str]], str]:
     exports) is dropped; the delimiter (comma, semicolon or tab) is the one the header uses most."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", newline="", encoding="utf-8-sig") as f:
-            text = f.read().lstrip()
+            text = f.read().lstrip("\r\n")  # blank lines before the header; a tab there is an unnamed column
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read --data-csv '{path}': {err}") from None
     if not text.strip():
@@ -1550,9 +1550,9 @@ def bars_per_year(dates: list) -> tuple[int, str]:
 def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
     """Price CSV without pandas: a date column (or Date and Time, or an unnamed first column), Close, Volume,
     optionally an adjusted close (Adj Close, adj_close, adjusted_close, ...; the close is scaled by it: splits,
-    dividends); other columns are ignored. Sorted by date ascending. Rows with an empty or `null` value
-    (market holidays in Yahoo exports) are skipped with one warning; repeated timestamps and implausible
-    one-step moves stop the run unless accepted."""
+    dividends); other columns are ignored. Sorted by date ascending. Rows whose Close, adjusted close or Volume
+    is empty or `null` (market holidays in Yahoo exports) are skipped with one warning; repeated timestamps and
+    implausible one-step moves stop the run unless accepted."""
     rows, delimiter = read_csv_rows(path)
     header = [h.strip().lower().replace("_", " ") for h in rows[0]]
     col = {}
@@ -1628,8 +1628,8 @@ def save_model(path: str, args: Args, data: MarketData, agents: dict, fit_range:
 
 
 def load_model(path: str) -> dict:
-    """model.pt written by --save-model; anything else is one clear UserError. weights_only=True: a file
-    from someone else holds tensors and plain values only, never code that runs when it is read."""
+    """model.pt written by --save-model; a missing, unreadable or foreign file is one UserError. weights_only=True:
+    a file from someone else holds tensors and plain values only, never code that runs when it is read."""
     if not os.path.isfile(path):
         raise UserError(f"--checkpoint '{path}' does not exist (write one with --save-model)")
     try:

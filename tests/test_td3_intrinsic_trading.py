@@ -522,6 +522,8 @@ def test_an_unnamed_first_column_is_the_date(tmp_path):
     m = tr.load_csv(write_rows(tmp_path / "pd.csv", ["", "Close", "Volume"], rows))
     assert m.dates[:2] == ["2001-01-01T00:00:00", "2001-01-01T01:00:00"] and m.periods_per_year == 24 * 260
     assert m.close[1] == rows[1][1]
+    tsv = tr.load_csv(write_rows(tmp_path / "pd.tsv", ["", "Close", "Volume"], rows, "\t"))  # to_csv(sep="\t")
+    assert tsv.dates == m.dates and np.array_equal(tsv.close, m.close)
     with pytest.raises(tr.UserError, match="has no date column"):  # an unnamed column elsewhere is not a date
         tr.load_csv(write_rows(tmp_path / "no.csv", ["Close", "", "Volume"], [[r[1], r[0], r[2]] for r in rows]))
 
