@@ -7,6 +7,7 @@ two scripts need is written in both. This test reads their source and compares i
 import ast
 import functools
 import os
+import shutil
 
 import pytest
 
@@ -60,12 +61,16 @@ def test_no_script_imports_another():
 
 
 def test_a_changed_copy_is_caught(tmp_path, monkeypatch):
-    """The comparison has teeth: one changed character in one copy fails it."""
-    with open(os.path.join(ROOT, "td3_continuous.py")) as f:
-        text = f.read()
-    changed = text.replace("torch._foreach_lerp_(targets, sources, tau)",
-                           "torch._foreach_lerp_(targets, sources, 2 * tau)")
-    assert changed != text
-    (tmp_path / "td3_continuous.py").write_text(changed)
+    """The comparison has teeth: one character added to one copy fails it, for that helper only."""
+    for script in TD3_SCRIPTS:
+        shutil.copy(os.path.join(ROOT, script), tmp_path / script)
+    path = tmp_path / "td3_continuous.py"
+    text = path.read_text()
+    lerp = "torch._foreach_lerp_(targets, sources, tau)"
+    changed = text.replace(lerp, lerp[:-1] + " )")
+    assert len(changed) == len(text) + 1
+    path.write_text(changed)
     monkeypatch.setattr(__import__(__name__), "ROOT", str(tmp_path))
-    assert top_level_sources("td3_continuous.py")["soft_update_"] != sources_of(text)["soft_update_"]
+    test_the_td3_scripts_share_these_helpers_word_for_word("td3_target")  # the other copies still agree
+    with pytest.raises(AssertionError, match="soft_update_ differs between the two TD3 scripts"):
+        test_the_td3_scripts_share_these_helpers_word_for_word("soft_update_")

@@ -160,6 +160,17 @@ def test_audit_by_hand_on_actors_of_known_output():
     assert inside["actor_grad_norm"] > 0
 
 
+def test_exploration_noise_is_a_fraction_of_the_half_range_and_stays_in_bounds():
+    agent = make_agent()  # bounds [-2, 1]: half-range 1.5
+    obs = np.zeros((20000, 3), np.float32)
+    torch.manual_seed(0)
+    greedy, noisy = agent.act(obs), agent.act(obs, 0.1)
+    assert np.all(greedy == greedy[0]) and -1.5 < greedy[0, 0] < 0.5  # the same state, far from either bound
+    assert np.std(noisy - greedy) == pytest.approx(0.1 * 1.5, rel=0.03) and abs(np.mean(noisy - greedy)) < 0.005
+    wide = agent.act(obs, 10.0)  # noise far beyond the bounds: clipped to them
+    assert wide.min() == -2.0 and wide.max() == 1.0 and np.mean(wide == 1.0) > 0.3
+
+
 def test_delayed_actor_and_target_updates_count_and_polyak():
     agent = make_agent(policy_frequency=2, tau=0.1)
     actor0, actor_target0, qf_target0 = flat(agent.actor), flat(agent.actor_target), flat(agent.qf_target)
@@ -364,7 +375,11 @@ def test_main_on_tiny_env_stores_only_real_transitions_and_writes_run_folder(tmp
     obs, next_obs, acts, rewards, terminations = rows[:, :2], rows[:, 2:4], rows[:, 4:6], rows[:, 6], rows[:, 7]
     check_counting_transitions(obs, next_obs, rewards, terminations)
     assert np.all(acts >= tiny_envs.ACTION_LOW) and np.all(acts <= tiny_envs.ACTION_HIGH)
-    assert np.any(acts[400:] != acts[400:].round())  # exploration actions were stored too
+    # the first 200 transitions (learning starts at step 200) are uniform random actions: mean and std of U(low, high)
+    # per dimension, within 4 standard errors
+    half = (tiny_envs.ACTION_HIGH - tiny_envs.ACTION_LOW) / 2
+    assert np.all(np.abs(acts[:200].mean(axis=0) - (tiny_envs.ACTION_LOW + half)) < 4 * half / np.sqrt(3 * 200))
+    assert np.allclose(acts[:200].std(axis=0), half / np.sqrt(3), rtol=0.1)
 
     files = set(os.listdir(run_dir))
     assert {"summary.json", "evaluations.csv", "state_scale_summary.json", "td3_action_saturation.json"} <= files
