@@ -637,12 +637,20 @@ def test_resume_after_interruption_counts_every_step_once(tmp_path, capsys, monk
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)  # a hard stop, mid-run
     proc.wait()
-    step_at_ckpt = torch.load(ckpt, weights_only=True)["global_step"]
+    saved = torch.load(ckpt, weights_only=True)
+    step_at_ckpt = saved["global_step"]
     assert step_at_ckpt < 1000
+    with open(os.path.join(os.path.dirname(ckpt), "evaluations.csv")) as f:
+        evals_at_ckpt = [row for row in csv.DictReader(f) if int(row["global_step"]) <= step_at_ckpt]
 
     resume_to_the_end_counting_every_step_once(ckpt, capsys, monkeypatch)
     final = torch.load(ckpt, weights_only=True)
     assert final["global_step"] == 1000 and final["buffer"]["size"] == 1000
+    # what the checkpoint held is kept as it was: its transitions (the buffer holds 1000: nothing overwritten) and
+    # its evaluations
+    assert torch.equal(final["buffer"]["storage"][:step_at_ckpt], saved["buffer"]["storage"][:step_at_ckpt])
+    with open(os.path.join(os.path.dirname(ckpt), "evaluations.csv")) as f:
+        assert list(csv.DictReader(f))[:len(evals_at_ckpt)] == evals_at_ckpt
 
 
 def files_under(path) -> set:

@@ -895,6 +895,13 @@ def test_run_folder_files_and_schemas(freeze_runs):
     ev = read_json(run_dir, "eval_test.json")
     for section in (ev["agents"]["baseline"], ev["buy_and_hold"], ev["flat"]):
         assert {"sharpe", "sortino", "total_return", "annualized_return", "max_drawdown", "turnover"} <= set(section)
+    # the benchmarks by hand on market 0's test split [4250, 5000): flat earns and pays nothing; buy and hold pays
+    # one entry cost of 10 bp and holds
+    assert ev["steps"] == 749 and all(value == 0 for key, value in ev["flat"].items() if key != "steps")
+    close = tr.synthetic_market(5000, 0).close[4250:]
+    assert ev["buy_and_hold"]["total_return"] == pytest.approx(
+        (close[1] / close[0] - 1e-3) * np.prod(close[2:] / close[1:-1]) - 1)
+    assert ev["buy_and_hold"]["turnover"] == 1.0
     sat = read_json(run_dir, "td3_action_saturation.json")["agents"]["baseline"]
     for part in ("summary", "test"):
         assert {"near_bound_ratio", "actor_collapse_detected", "kappa_mean", "kappa_p10"} <= set(sat[part])
