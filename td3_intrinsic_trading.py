@@ -1911,7 +1911,7 @@ class StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signum)  # run_command_line exits 128 + signum: 130 SIGINT, 143 SIGTERM
         self.signum = signum
         print(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)",
               file=sys.stderr, flush=True)
@@ -1947,10 +1947,10 @@ def run_command_line(main_fn, args_type) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+    except KeyboardInterrupt as err:  # before training started (Python's own: no signal number), or a second signal
         print("error: interrupted; stopped at once, without a summary (files already written are complete)",
               file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (err.args[0] if err.args else signal.SIGINT))
     sys.exit(summary.get("exit_code", 0))
 
 

@@ -772,6 +772,24 @@ def test_an_agent_process_that_dies_is_an_error_not_a_hang(tmp_path):
     assert "if __name__ == '__main__':" in result.stderr  # Python's own explanation, from the processes
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_stops_at_once_with_that_signal_s_exit_code(sig, monkeypatch, capsys):
+    """The first signal asks for a stop after the step; a second one stops at once: 128 + its number, as a
+    shell reports a process the signal killed (130 Ctrl-C, 143 a scheduler's SIGTERM)."""
+    def main(args):
+        with tr.StopOnSignal() as stop:
+            os.kill(os.getpid(), sig)
+            assert stop.signum == sig
+            os.kill(os.getpid(), sig)
+            time.sleep(5)  # never reached: the handler raises
+    monkeypatch.setattr(sys, "argv", ["td3_intrinsic_trading.py"])
+    with pytest.raises(SystemExit) as exit_:
+        tr.run_command_line(main, tr.Args)
+    assert exit_.value.code == 128 + sig
+    assert capsys.readouterr().err.endswith("error: interrupted; stopped at once, without a summary (files already "
+                                             "written are complete)\n")
+
+
 def test_a_signal_once_training_is_over_lets_the_report_finish(tmp_path, monkeypatch, capsys):
     """Ctrl-C while the final test split is evaluated: training is done, so the report (seconds) completes."""
     final_paired = tr.final_paired
