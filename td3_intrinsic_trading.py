@@ -807,8 +807,7 @@ def main(args: Args) -> dict:
         # The paired audit asks what training with r_int did to the policy: the final agents, on test.
         final_test = {name: evaluate_split(t["agent"], trading_env(data, "test", args, training=False),
                                            data.periods_per_year) for name, t in trained.items()}
-        pair = {"baseline", "intrinsic"} <= set(trained)
-        final_pair = final_paired({name: t["agent"] for name, t in trained.items()}, final_test) if pair else None
+        final_pair = final_paired({name: t["agent"] for name, t in trained.items()}, final_test)
         # --keep-best (early stopping): the reward's noise is 10x its action-dependent drift, so a critic trained
         # long enough fits the noise of the ~7000 train steps; validation Sharpe says when that starts. The kept
         # step's actor, critic and their targets (model.pt then holds one consistent agent) are tested.
@@ -894,9 +893,11 @@ def paired_metrics(base: dict, intr: dict, q1_delta: float) -> dict:
             "q1_delta_mean": q1_delta}
 
 
-def final_paired(agents: dict, results: dict) -> dict:
-    """paired_metrics of the baseline and the intrinsic agent on one split, both critics scored on the union
-    of the two agents' observations there."""
+def final_paired(agents: dict, results: dict) -> Optional[dict]:
+    """paired_metrics of the baseline and the intrinsic agent on one split (None without both), both critics
+    scored on the union of the two agents' observations there."""
+    if not {"baseline", "intrinsic"} <= set(agents):
+        return None
     common = np.concatenate([results["baseline"]["observations"], results["intrinsic"]["observations"]])
     q1_delta = q1_mean(agents["intrinsic"], common) - q1_mean(agents["baseline"], common)
     return paired_metrics(results["baseline"], results["intrinsic"], q1_delta)
@@ -1700,7 +1701,7 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     fit_range = tuple(np.asarray(r) for r in model["fit_range"])
     result = evaluation_report(run_args, run_dir, data, agents, normalizer, fit_range, [args.eval_split])
     results = result["results"][args.eval_split]
-    paired = final_paired(agents, results) if {"baseline", "intrinsic"} <= set(agents) else None
+    paired = final_paired(agents, results)
     write_json_atomic(os.path.join(run_dir, "td3_action_saturation.json"), {
         "near_bound_threshold": NEAR_BOUND, "collapse_threshold": COLLAPSE_RATIO, "split": args.eval_split,
         "agents": result["saturation"],
