@@ -1063,7 +1063,7 @@ def prepare_data(args: Args, market: Market, source: str) -> MarketData:
     names = observation_names(features, relative_equity=stationary)
     periods, frequency = (args.periods_per_year, "--periods-per-year") if args.periods_per_year \
         else (market.periods_per_year, market.frequency)
-    threshold = float(np.median(features["realized_vol_10"][lo:hi])) if hi > lo else math.nan  # eval-only: none
+    threshold = float(np.median(features["realized_vol_10"][lo:hi])) if hi > lo else math.nan  # NaN: no train rows
     return MarketData(market.close, features, names, stationary, splits, threshold, source, periods, frequency)
 
 
@@ -1688,8 +1688,8 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     threshold = "the median realized vol of this data's train split"
     if args.eval_split == "all" or math.isnan(data.vol_threshold):  # no data before the evaluated rows to fit it on
         data.vol_threshold = float(model["vol_filter_threshold"])
-        threshold = ("the training run's (" + ("--eval-split all leaves" if args.eval_split == "all" else
-                                               "this data's train split has") + " no earlier data to fit one on)")
+        why = "--eval-split all leaves" if args.eval_split == "all" else "this data's train split has"
+        threshold = f"the training run's ({why} no earlier data to fit one on)"
     normalizer, saved_normalizer = None, next(iter(model["agents"].values()))["normalizer"]  # one for every agent
     if saved_normalizer is not None:
         normalizer = StateNormalizer(data.names, run_args.state_norm_kind, run_args.log_volume).to(device)
