@@ -750,8 +750,7 @@ def test_a_diverging_agent_side_by_side_stops_the_other(tmp_path, capsys, thread
     assert 500 < step <= 500 + tr.LOG_EVERY_UPDATES  # |r_tot| ~ 1e30: the first logged loss is inf
     assert err.startswith(f"error: [intrinsic] training diverged at step {step}: ") and "--intrinsic-coef 1e+30" in err
     assert 0 < summary["steps"]["baseline"] < 20000  # stopped, not left to run its steps
-    # its TensorBoard curves reach the divergence: the writer (which flushes in the background) was closed before
-    # the agent's process ended
+    # its TensorBoard curves reach the divergence: the value that stopped it is logged at the step it stopped
     events = EventAccumulator(os.path.join(run_dir, "intrinsic")).Reload()
     assert [e.step for e in events.Scalars("losses/qf_loss")] == [step]
     name, value = err.split(": ")[2].split(". ")[0].split(" = ")  # what diverged, as the message names it
