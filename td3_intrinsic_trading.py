@@ -1045,6 +1045,7 @@ class MarketData:
     source: str  # for the run name: the CSV's file name or synthetic{market_seed}
     periods_per_year: int  # for annualized metrics: --periods-per-year, else from the data
     frequency: str  # how periods_per_year was found
+    dates: Optional[list]  # a CSV's timestamps (ISO text), one per row; None for the synthetic market
     fit_states: Optional[np.ndarray] = None  # reference_states(): the normalizer's fit sample, the audit's states
 
 
@@ -1064,7 +1065,8 @@ def prepare_data(args: Args, market: Market, source: str) -> MarketData:
     periods, frequency = (args.periods_per_year, "--periods-per-year") if args.periods_per_year \
         else (market.periods_per_year, market.frequency)
     threshold = float(np.median(features["realized_vol_10"][lo:hi])) if hi > lo else math.nan  # NaN: no train rows
-    return MarketData(market.close, features, names, stationary, splits, threshold, source, periods, frequency)
+    return MarketData(market.close, features, names, stationary, splits, threshold, source, periods, frequency,
+                      market.dates)
 
 
 def check_split_lengths(data: MarketData, args: Args) -> None:
@@ -1277,7 +1279,8 @@ def evaluation_report(args: Args, run_dir: str, data: MarketData, agents: dict, 
     bench = {s: benchmark_metrics(data.close, data.features["realized_vol_10"], data.splits[s], data.vol_threshold,
                                   args.cost_bp * 1e-4, data.periods_per_year) for s in splits}
     split = splits[-1]
-    eval_json = {"split": split, "steps": data.splits[split][1] - data.splits[split][0] - 1,
+    lo, hi = data.splits[split]
+    eval_json = {"split": split, "steps": hi - lo - 1, "dates": data.dates and [data.dates[lo], data.dates[hi - 1]],
                  "periods_per_year": data.periods_per_year, "frequency": data.frequency,
                  "agents": {name: res["metrics"] for name, res in results[split].items()},
                  **bench[split]["metrics"], "vol_filter_threshold": data.vol_threshold}
@@ -1315,8 +1318,9 @@ def write_scale_summary(run_dir: str, args: Args, data: MarketData, normalizer: 
 def print_table(eval_json: dict, saturation: dict, agents: str, verdicts: Optional[dict], audit: dict) -> None:
     """The table of the tested agents (agents: which policies they are), the verdicts from validation, then
     the audit, which says which policies it describes."""
-    print(f"{eval_json['split']} split, {eval_json['steps']} steps, {eval_json['periods_per_year']} bars a year "
-          f"({eval_json['frequency']})\nagents: {agents}")
+    period = " from {} to {}".format(*eval_json["dates"]) if eval_json["dates"] else ""
+    print(f"{eval_json['split']} split{period}, {eval_json['steps']} steps, {eval_json['periods_per_year']} bars a "
+          f"year ({eval_json['frequency']})\nagents: {agents}")
     print(f"{'agent':<14}{'Sharpe':>8}{'return':>9}{'max DD':>8}{'near-bound':>12}{'kappa':>8}")
     for name, m in [*eval_json["agents"].items(), *((n, eval_json[n]) for n in ("buy_and_hold", "vol_filter", "flat"))]:
         columns = f"{saturation[name]['near_bound_ratio']:12.3f}{saturation[name]['kappa_mean']:8.3f}" \

@@ -1277,6 +1277,8 @@ def test_eval_only_reproduces_the_test_split_and_reads_another_csv(saved_run, tm
     other = tr.main(tr.Args(eval_only=True, checkpoint=model, data_csv=path, eval_split="all", runs_dir=str(tmp_path),
                             cuda=False))
     assert other["all"]["steps"] == 400 - tr.WARMUP - 1
+    assert other["all"]["dates"] == ["2001-01-21T00:00:00", "2002-02-04T00:00:00"]  # rows 20 and 399, by hand
+    assert summary["test"]["dates"] is None  # the synthetic market has no calendar
     assert set(other["all"]["agents"]) == {"baseline", "intrinsic"}
     close = m.close[tr.WARMUP:]  # buy and hold from the first usable row, one entry cost of 10 bp
     assert other["all"]["buy_and_hold"]["total_return"] == pytest.approx(
@@ -1287,6 +1289,7 @@ def test_eval_only_reproduces_the_test_split_and_reads_another_csv(saved_run, tm
     assert short["vol_filter_threshold"] == {"value": summary["test"]["vol_filter_threshold"],
                                              "from": "the training run's (this data's train split has no earlier "
                                                      "data to fit one on)"}
+    assert short["test"]["dates"] == ["2001-03-22T00:00:00", "2002-02-04T00:00:00"]  # rows 80 (20% of 400) and 399
 
 
 @pytest.mark.xdist_group("compiled_trading")
