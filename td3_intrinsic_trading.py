@@ -45,6 +45,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Optional
@@ -827,7 +828,9 @@ SHIFT_CLIP_RATIO, SHIFT_NEAR_BOUND = 0.01, 0.5  # shift audit: a feature at the 
 MIN_ROWS = 200  # a shorter file is refused at once; the splits' lengths are checked after (check_split_lengths)
 MISSING_VALUES = {"", "null"}  # what Yahoo-style exports write on holidays: the row is skipped
 MAX_STEP_MOVE, MIN_STEP_MOVE = 1.0, -0.9  # a one-step close move beyond +100% / -90% is likely a data error
-SPLIT_RATIOS = (2, 3, 4, 5, 10)  # usual stock split ratios: without adjusted prices, such a one-step move is named
+# usual stock split ratios (7: Apple 2014): without adjusted prices such a one-step move is named; not 3:2, whose
+# -33% a volatile stock's bad day can match
+SPLIT_RATIOS = (2, 3, 4, 5, 7, 10)
 SPLIT_TOLERANCE = math.log(1.15)  # a split day's own move is within +-15%
 # Above these, the divergence message names the learning rate or the reward as the likely cause
 # (else it lists every cause): this script's scales are lr ~ 3e-5 and |r_tot| ~ 1-10.
@@ -1415,18 +1418,32 @@ def plot_saturation(results: dict, split: str, path: str) -> None:
 
 
 # CSV READING: --data-csv, as spreadsheets and data vendors export it ------------------------------
-def read_csv_rows(path: str) -> tuple[list[list[str]], str]:
-    """The cells of a CSV (gzipped if it ends in .gz) and its delimiter: a UTF-8 byte-order mark ("CSV UTF-8"
-    exports) is dropped; the delimiter (comma, semicolon or tab) is the one the header uses most."""
+def read_csv_rows(path: str) -> tuple[list[list[str]], str, int]:
+    """The cells of a CSV (gzipped if it ends in .gz) from its header on, its delimiter and the header's line
+    number (blank lines before it are skipped): a UTF-8 byte-order mark ("CSV UTF-8" exports) is dropped; lines
+    end in LF, CRLF or CR (old Mac exports); the delimiter (comma, semicolon or tab) is the one the header uses
+    most."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", newline="", encoding="utf-8-sig") as f:
-            text = f.read().lstrip("\r\n")  # blank lines before the header; a tab there is an unnamed column
-    except (OSError, UnicodeDecodeError) as err:
+            text = f.read()
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as err:  # EOFError: a truncated .gz
         raise UserError(f"cannot read --data-csv '{path}': {err}") from None
-    if not text.strip():
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines) if line), None)  # a tab-only line is an unnamed column
+    if first is None or not text.strip():
         raise UserError(f"--data-csv '{path}' is empty")
-    delimiter = max((",", ";", "\t"), key=text.splitlines()[0].count)
-    return list(csv.reader(io.StringIO(text), delimiter=delimiter)), delimiter
+    delimiter = max((",", ";", "\t"), key=lines[first].count)
+    reader = csv.reader(io.StringIO("\n".join(lines[first:])), delimiter=delimiter)
+    try:
+        rows = list(reader)
+    except csv.Error as err:  # a quote never closed swallows the rest of the file into one field
+        raise UserError(f"--data-csv '{path}' line {first + reader.line_num}: {err} (a quote (\") never closed?)") \
+            from None
+    quoted = next((i for i, row in enumerate(rows) if any("\n" in cell for cell in row)), None)
+    if quoted is not None:
+        raise UserError(f"--data-csv '{path}' line {first + quoted + 1}: a quote (\") opens a field that runs past "
+                        "the end of the line; close it or remove it")
+    return rows, delimiter, first + 1
 
 
 def date_then_time(fmt: str):
@@ -1495,7 +1512,7 @@ def parse_number(cell: str, name: str, row_no: int, decimal_comma: bool) -> floa
 
 def suspect_rows(dates: list, row_nos: list[int], close: np.ndarray, adjusted: bool) -> Optional[str]:
     """The first likely error of a date-sorted file, or None: a repeated timestamp; without adjusted prices,
-    a one-step move by a split ratio (x1/2, 1/3, 1/4, 1/5, 1/10 or the reverse, within 15%) that the next
+    a one-step move by a split ratio (x1/2, 1/3, 1/4, 1/5, 1/7, 1/10 or the reverse, within 15%) that the next
     closes keep (a crash that rebounds is not a split); a one-step move beyond +100% / -90% -- a typo, a
     lost decimal point."""
     repeated = [i for i in range(1, len(dates)) if dates[i] == dates[i - 1]]
@@ -1510,8 +1527,9 @@ def suspect_rows(dates: list, row_nos: list[int], close: np.ndarray, adjusted: b
         level = np.median(close[i:i + 5]) / np.median(close[max(i - 5, 0):i])
         if abs(math.log(level / nearest[i - 1])) < SPLIT_TOLERANCE:
             k = round(max(nearest[i - 1], 1 / nearest[i - 1]))
-            split, fix = (f"{k}:1 split", f"divide the closes before row {row_nos[i]} by {k}") if ratio[i - 1] < 1 \
-                else (f"1:{k} reverse split", f"multiply the closes before row {row_nos[i]} by {k}")
+            before = f"the closes dated before {dates[i].isoformat()} by {k}"  # by date: a file may run newest first
+            split, fix = (f"{k}:1 split", f"divide {before}") if ratio[i - 1] < 1 \
+                else (f"1:{k} reverse split", f"multiply {before}")
             return (f"row {row_nos[i]}: close {close[i]:g} is x{ratio[i - 1]:.3g} row {row_nos[i - 1]}'s "
                     f"({close[i - 1]:g}), likely an unadjusted {split}: use adjusted prices (an Adj Close "
                     f"column) or {fix}")
@@ -1541,7 +1559,7 @@ def bars_per_year(dates: list) -> tuple[int, str]:
     full = day[count >= per_day / 2]
     week = lambda d: (d.astype(np.int64) + 3) // 7  # noqa: E731  (from Monday: 1970-01-01 was a Thursday)
     weekend = lambda d: (d.astype(np.int64) + 3) % 7 >= 5  # noqa: E731
-    span = np.arange(day[0], day[-1] + 1)
+    span = np.arange(full[0], full[-1] + 1)  # a file cut mid-session: its partial first or last day is no sample
     span = span[np.isin(week(span), week(day))]  # a week without a bar (an outage, a gap in the file) is no sample
     share = [np.isin(span[weekend(span) == w], full).mean() if (weekend(span) == w).any() else 0.0 for w in (0, 1)]
     days = 365.25 * 5 / 7 * share[0] + 365.25 * 2 / 7 * share[1]
@@ -1558,8 +1576,8 @@ def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
     dividends); other columns are ignored. Sorted by date ascending. Rows whose Close, adjusted close or Volume
     is empty or `null` (market holidays in Yahoo exports) are skipped with one warning; repeated timestamps and
     implausible one-step moves stop the run unless accepted."""
-    rows, delimiter = read_csv_rows(path)
-    header = [h.strip().lower().replace("_", " ") for h in rows[0]]
+    rows, delimiter, header_line = read_csv_rows(path)
+    header = [h.strip().lower().replace("_", " ").replace(".", "") for h in rows[0]]  # Adj. Close (Quandl's WIKI)
     col = {}
     for name, options in (("date", ("date", "datetime", "timestamp", "time", "gmt time", "local time")),
                           ("close", ("close",)), ("volume", ("volume",)),
@@ -1581,7 +1599,7 @@ def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
                         "export them without digit grouping")
     decimal_comma = marks == {","} and delimiter != ","  # 101,5 in a semicolon or tab file (European locales)
     records, skipped = [], []
-    for row_no, row in enumerate(rows[1:], start=2):
+    for row_no, row in enumerate(rows[1:], start=header_line + 1):
         if not any(cell.strip() for cell in row):
             continue
         if len(row) < len(header) or any(cell.strip() for cell in row[len(header):]):

@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import functools
+import gzip
 import io
 import json
 import math
@@ -431,22 +432,50 @@ def test_implausible_one_step_moves_are_an_error_naming_the_rows_unless_accepted
 
 
 @pytest.mark.parametrize("ratio, words", [(1 / 2, "2:1 split"), (1 / 3, "3:1 split"), (1 / 4, "4:1 split"),
-                                          (1 / 5, "5:1 split"), (1 / 10, "10:1 split"), (2, "1:2 reverse split"),
-                                          (5, "1:5 reverse split"), (10, "1:10 reverse split")])
+                                          (1 / 5, "5:1 split"), (1 / 7, "7:1 split"), (1 / 10, "10:1 split"),
+                                          (2, "1:2 reverse split"), (5, "1:5 reverse split"),
+                                          (10, "1:10 reverse split")])
 def test_unadjusted_splits_are_named_by_row_with_the_fix(tmp_path, ratio, words):
     rows = iso_rows(250)
-    for row in rows[120:]:  # from file row 122 on, every price divided (or multiplied) by the split ratio
+    for row in rows[120:]:  # from file row 122 on (2001-05-01), every price divided (or multiplied) by the ratio
         row[4] = round(row[4] * ratio * 1.01, 6)  # and the day's own +1% move
-    fix = "divide" if ratio < 1 else "multiply"
+    fix = f"{'divide' if ratio < 1 else 'multiply'} the closes dated before 2001-05-01T00:00:00 by"
     with pytest.raises(tr.UserError, match=rf"^row 122: close .* likely an unadjusted {words}: use adjusted prices "
-                                           rf"\(an Adj Close column\) or {fix} the closes before row 122 by"):
+                                           rf"\(an Adj Close column\) or {fix}"):
         tr.load_csv(write_rows(tmp_path / "split.csv", OHLCV, rows))
+    with pytest.raises(tr.UserError, match=rf"^row 131: .* {fix}"):  # newest first: the fix still names the date
+        tr.load_csv(write_rows(tmp_path / "newest_first.csv", OHLCV, rows[::-1]))  # 2001-05-01 on file row 131
     adjusted = [[*row[:5], 100 + i * 0.1, row[5]] for i, row in enumerate(rows)]  # an adjusted column: no split
     m = tr.load_csv(write_rows(tmp_path / "adj.csv", [*OHLCV[:5], "Adj Close", "Volume"], adjusted))
     assert m.close[121] == pytest.approx(112.1)
 
 
-@pytest.mark.parametrize("name", ["Adj Close", "adj_close", "adjusted_close", "Adjusted Close", "AdjClose"])
+def test_csv_line_ends_blank_lines_quotes_and_a_truncated_gz(tmp_path):
+    rows = iso_rows(250)
+    text = "\n".join(",".join(map(str, row)) for row in [OHLCV, *rows]) + "\n"
+    (tmp_path / "mac.csv").write_bytes(text.replace("\n", "\r").encode())  # old Mac exports end lines in CR only
+    assert np.array_equal(tr.load_csv(str(tmp_path / "mac.csv")).close, tr.load_csv(write_rows(tmp_path / "unix.csv",
+                                                                                               OHLCV, rows)).close)
+    for row in rows[120:]:
+        row[4] /= 2
+    (tmp_path / "blank.csv").write_text("\n\n" + text.split("\n", 1)[0] + "\n"
+                                        + "\n".join(",".join(map(str, row)) for row in rows))
+    with pytest.raises(tr.UserError, match="^row 124: .* 2:1 split"):  # row 122 of the data, after 2 blank lines
+        tr.load_csv(str(tmp_path / "blank.csv"))
+    (tmp_path / "quote.csv").write_text(text.replace("100.9,", '"100.9,', 1))  # on file line 11, never closed
+    with pytest.raises(tr.UserError, match=r"line 11: a quote \(\"\) opens a field that runs past the end"):
+        tr.load_csv(str(tmp_path / "quote.csv"))
+    long = text + "".join(f"2002-{1 + i // 28 % 12:02d}-{1 + i % 28:02d},1,1,1,1,1\n" for i in range(6000))
+    (tmp_path / "long.csv").write_text(long.replace("100.9,", '"100.9,', 1))  # the field outgrows csv's limit
+    with pytest.raises(tr.UserError, match=r"field larger than field limit .* never closed"):
+        tr.load_csv(str(tmp_path / "long.csv"))
+    (tmp_path / "cut.csv.gz").write_bytes(gzip.compress(text.encode())[:500])  # a download cut short
+    with pytest.raises(tr.UserError, match="cannot read --data-csv .*cut.csv.gz'"):
+        tr.load_csv(str(tmp_path / "cut.csv.gz"))
+
+
+@pytest.mark.parametrize("name", ["Adj Close", "adj_close", "adjusted_close", "Adjusted Close", "AdjClose",
+                                  "Adj. Close"])
 def test_adjusted_close_header_variants_and_a_close_volume_file(tmp_path, name, capsys):
     rows = [[r[0], r[4], 2 * r[4], r[5]] for r in iso_rows(250)]
     m = tr.load_csv(write_rows(tmp_path / "adj.csv", ["Date", "Close", name, "Volume"], rows))
@@ -487,6 +516,7 @@ def daily_rows(keep, years=2):
     (lambda: hourly_rows(10), 24 * 260),  # FX: 24 bars on each of 260 weekdays a year
     (lambda: hourly_rows(10, sunday_evening=True), 24 * 260),  # FX's Sunday-evening bars are not a trading day
     (lambda: hourly_rows(1, bars_per_day=390, step="m"), 390 * 260),  # one week of an exchange's minute bars
+    (lambda: hourly_rows(1, bars_per_day=390, step="m")[300:-270], 390 * 260),  # the same, first and last day cut
     (lambda: hourly_rows(10, bars_per_day=7), 7 * 260),  # a stock exchange's hourly bars
     (lambda: hourly_rows(3, weekend=True), 24 * 365),  # crypto: every hour of every day
     (lambda: [[str(np.datetime64("2001-01-01") + i), 100 + i % 7, 1000] for i in range(400)], 365),  # daily, 7/7
