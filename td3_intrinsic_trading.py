@@ -1641,7 +1641,8 @@ def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
 def save_model(path: str, args: Args, data: MarketData, agents: dict, fit_range: tuple, selected: dict) -> None:
     """model.pt: every agent's networks and normalizer with the settings that built them and the step they were
     kept at, as tensors and plain values (torch.load(weights_only=True) reads it without running code)."""
-    model = {"format": MODEL_FORMAT, "args": dataclasses.asdict(args), "feature_names": data.names,
+    model = {"format": MODEL_FORMAT, "feature_names": data.names,  # the CSV by its full path: --eval-only elsewhere
+             "args": {**dataclasses.asdict(args), "data_csv": args.data_csv and os.path.abspath(args.data_csv)},
              "vol_filter_threshold": data.vol_threshold, "fit_range": [r.tolist() for r in fit_range],
              "agents": {name: {"selected_step": selected[name],
                                "normalizer": agent.normalizer.state_dict() if agent.normalizer else None,
@@ -1679,16 +1680,26 @@ EVAL_SETTINGS = ("data_csv", "market_seed", "market_steps", "train_frac", "val_f
 def eval_settings(args: Args, saved: Args) -> tuple[Args, dict]:
     """--eval-only's settings: the networks' as saved (asking for others is an error); each evaluation
     setting from the command line when given there, else the training run's ("given" = not the default:
-    asking for the default value keeps the checkpoint's; the printed settings say where each came from)."""
+    asking for the default value keeps the checkpoint's; the printed settings say where each came from). New
+    data (--data-csv, or --market-seed/--market-steps: the synthetic market) brings its own bars per year."""
     default = Args()
     for name in MODEL_SETTINGS:
+        if name != "state_norm" and not saved.state_norm:
+            continue  # the normalizer's kind, log volume and the relative layout act only with --state-norm
         if getattr(args, name) != getattr(default, name) and getattr(args, name) != getattr(saved, name):
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: the checkpoint's networks were built "
                             f"with {getattr(saved, name)}; --eval-only evaluates them as saved")
     given = {name for name in EVAL_SETTINGS if getattr(args, name) != getattr(default, name)}
+    if given & {"market_seed", "market_steps"}:
+        if "data_csv" in given:
+            raise UserError("--market-seed and --market-steps shape the synthetic market; --data-csv replaces it")
+        given.add("data_csv")  # None: evaluate on the synthetic market
+    if "data_csv" in given:
+        given.add("periods_per_year")  # not the training data's: as given, else from the new data
     run_args = dataclasses.replace(args, eval_only=True, compile=False,
                                    **{name: getattr(saved, name) for name in MODEL_SETTINGS},
                                    **{name: getattr(saved, name) for name in EVAL_SETTINGS if name not in given})
+    check_args(run_args)  # the command line's splits with the checkpoint's, say
     return run_args, {name: {"value": getattr(run_args, name), "from": "command line" if name in given else
                              "checkpoint"} for name in EVAL_SETTINGS}
 
@@ -1698,8 +1709,12 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     model = load_model(args.checkpoint)
     fields = {f.name for f in dataclasses.fields(Args)}
     run_args, settings = eval_settings(args, Args(**{k: v for k, v in model["args"].items() if k in fields}))
+    if settings["data_csv"]["from"] == "checkpoint" and run_args.data_csv and not os.path.isfile(run_args.data_csv):
+        raise UserError(f"the checkpoint's --data-csv '{run_args.data_csv}' is not there: pass --data-csv PATH")
     data = prepare_data(run_args, *load_market(run_args))
-    if run_args.periods_per_year and settings["periods_per_year"]["from"] == "checkpoint":
+    if run_args.periods_per_year is None:  # no flag set it: from the data (the value used is recorded)
+        settings["periods_per_year"] = {"value": data.periods_per_year, "from": data.frequency}
+    elif settings["periods_per_year"]["from"] == "checkpoint":
         data.frequency = "--periods-per-year of the training run"
     if model["feature_names"] != data.names:
         raise UserError(f"--checkpoint '{args.checkpoint}' was saved with features {model['feature_names']}, "

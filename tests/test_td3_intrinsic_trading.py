@@ -1369,6 +1369,46 @@ def test_eval_only_applies_the_settings_it_is_given_and_records_them(saved_run, 
         (1 + before["buy_and_hold"]["total_return"]) * (1 + first - 25e-4) / (1 + first - 10e-4), rel=1e-9)
     with pytest.raises(tr.UserError, match="--hidden-size 64: the checkpoint's networks were built with 32"):
         tr.main(tr.Args(eval_only=True, checkpoint=model, hidden_size=64, runs_dir=str(tmp_path), cuda=False))
+    assert costly["settings"]["periods_per_year"] == {"value": 252, "from": "daily bars (the synthetic market)"}
+    saved = torch.load(model, weights_only=True)
+    saved["args"]["val_frac"] = 0.25  # as if trained with --val-frac 0.25: with --train-frac 0.8 no test split is left
+    torch.save(saved, tmp_path / "val25.pt")
+    with pytest.raises(tr.UserError, match=r"--train-frac \(0.8\) and --val-frac \(0.25\) must be positive and sum"):
+        tr.main(tr.Args(eval_only=True, checkpoint=str(tmp_path / "val25.pt"), train_frac=0.8, runs_dir=str(tmp_path)))
+
+
+@pytest.mark.xdist_group("compiled_trading")
+def test_eval_only_of_a_csv_run_on_other_data_takes_that_data_s_bars_per_year(saved_run, tmp_path):
+    summary, _ = saved_run
+    m = tr.synthetic_market(3000, 0)  # the saved run's market, as an hourly CSV (every hour: 8760 bars a year)
+    path = write_csv(tmp_path / "hourly.csv", ["Date", "Close", "Volume"],
+                     [[str(np.datetime64("2001-01-01T00") + i), m.close[i], m.volume[i]] for i in range(3000)])
+    saved = torch.load(os.path.join(summary["run_dir"], "model.pt"), weights_only=True)
+    saved["args"].update(data_csv=path, periods_per_year=6240)  # as if trained on it with --periods-per-year 6240
+    torch.save(saved, tmp_path / "csv_run.pt")
+    common = dict(eval_only=True, checkpoint=str(tmp_path / "csv_run.pt"), runs_dir=str(tmp_path), cuda=False)
+    sharpe = {name: agent["sharpe"] for name, agent in summary["test"]["agents"].items()}  # at 252 bars a year
+    as_saved = tr.main(tr.Args(**common))
+    assert as_saved["settings"]["periods_per_year"] == {"value": 6240, "from": "checkpoint"}
+    assert as_saved["frequency"] == "--periods-per-year of the training run"
+    other = tr.main(tr.Args(**common, data_csv=path))  # named on the command line: its own timestamps count
+    assert other["settings"]["periods_per_year"]["value"] == other["periods_per_year"] == 8760
+    synthetic = tr.main(tr.Args(**common, market_steps=3000))  # a synthetic-market setting: the synthetic market
+    assert synthetic["settings"]["data_csv"] == {"value": None, "from": "command line"}
+    assert synthetic["settings"]["periods_per_year"] == {"value": 252, "from": "daily bars (the synthetic market)"}
+    for run, periods in ((as_saved, 6240), (other, 8760), (synthetic, 252)):  # the same steps, annualized apart
+        for name, value in sharpe.items():
+            assert run["test"]["agents"][name]["sharpe"] == pytest.approx(value * math.sqrt(periods / 252), rel=1e-9)
+    with pytest.raises(tr.UserError, match="--market-seed and --market-steps shape the synthetic market"):
+        tr.main(tr.Args(**common, data_csv=path, market_seed=4))
+    saved["args"]["data_csv"] = str(tmp_path / "moved.csv")
+    torch.save(saved, tmp_path / "csv_run.pt")
+    with pytest.raises(tr.UserError, match=f"the checkpoint's --data-csv '{tmp_path / 'moved.csv'}' is not there"):
+        tr.main(tr.Args(**common))
+    # flags that act only with --state-norm are not held against a checkpoint trained without it
+    tr.eval_settings(tr.Args(eval_only=True, checkpoint="m.pt", stationary=False), tr.Args())
+    with pytest.raises(tr.UserError, match="--stationary False: the checkpoint's networks were built with True"):
+        tr.eval_settings(tr.Args(eval_only=True, checkpoint="m.pt", stationary=False), tr.Args(state_norm=True))
 
 
 def test_early_stopping_keeps_the_best_trained_checkpoint_networks_and_targets(tmp_path, monkeypatch):
