@@ -702,7 +702,7 @@ def evaluate_split(agent: TD3, env: TradingEnv, periods_per_year: int) -> dict:
         done = terminated or truncated
     return {"metrics": performance_metrics(np.array(returns), np.array(positions), periods_per_year),
             "observations": np.asarray(observations), "actions": np.array(actions), "positions": np.array(positions),
-            "equity": np.array(equity), "q1_mean": q1_mean(agent, observations),
+            "equity": np.array(equity),
             "saturation": action_saturation_stats(actions)}
 
 
@@ -784,9 +784,10 @@ def main(args: Args) -> dict:
     normalizer = None
     if args.state_norm:
         normalizer = StateNormalizer(data.names, args.state_norm_kind, args.log_volume).fit(data.fit_states).to(device)
-    run_dir = make_run_dir(args, data.source, "")
+    run_dir = make_run_dir(args.runs_dir, f"{data.source}__{args.exp_name}__{args.seed}")
     write_scale_summary(run_dir, args, data, normalizer)
-    names = agent_names(args)  # the baseline (w = 0) and the intrinsic agent, on identical seeds
+    names = ["baseline"] if args.paired else []  # w = 0: the counterfactual, on identical seeds
+    names += ["intrinsic"] if args.intrinsic_kind != "none" else []
     # the intrinsic agent's bonus r_int (FORK: build another intrinsic reward here)
     intrinsic = {name: RND(args.intrinsic_kind, len(data.names), args.seed, args.rnd_hidden).to(device)
                  if name == "intrinsic" else None for name in names}
@@ -1091,12 +1092,6 @@ def trading_env(data: MarketData, split: str, args: Args, training: bool) -> Tra
                       initial_equity=args.initial_equity, relative_equity=data.stationary)
 
 
-def agent_names(args: Args) -> list[str]:
-    """baseline (w = 0) unless --no-paired; intrinsic unless --intrinsic-kind none (check_args refuses both)."""
-    names = ["baseline"] if args.paired else []
-    return names + (["intrinsic"] if args.intrinsic_kind != "none" else [])
-
-
 # ONE AGENT'S RUN FILES: TensorBoard, validation history, best checkpoint, progress, divergence -------
 class TrainingLog:
     """One agent's plumbing: TensorBoard, the learning-phase clock, the validation history, progress lines,
@@ -1163,7 +1158,7 @@ class TrainingLog:
         self.check_finite(agent, step)  # never evaluate (or keep as best) a diverged network
         self.val_results.append(result)
         entry = {"global_step": step, **result["saturation"], "val_sharpe": result["metrics"]["sharpe"],
-                 "val_total_return": result["metrics"]["total_return"], "q1_mean": result["q1_mean"],
+                 "val_total_return": result["metrics"]["total_return"],
                  "q1_mean_fit_states": q1_mean(agent, self.common_states)}
         if agent.intrinsic is not None:
             entry["intrinsic_mean_delta"] = agent.intrinsic_mean_delta()
@@ -1345,13 +1340,19 @@ def print_table(eval_json: dict, saturation: dict, agents: str, verdicts: Option
         print(f"advice: {diagnosis['advice']}")
 
 
-def make_run_dir(args: Args, source: str, suffix: str) -> str:
-    run_dir = os.path.join(args.runs_dir, f"{source}__{args.exp_name}{suffix}__{args.seed}__{int(time.time())}")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot make the run folder under --runs-dir '{args.runs_dir}': {err}") from None
-    return run_dir
+def make_run_dir(runs_dir: str, name: str) -> str:
+    """runs_dir/{name}__{start second}, made new: a run of the same name started in the same second gets a
+    folder of its own (-2, -3, ...), never another run's files."""
+    base, n = os.path.join(runs_dir, f"{name}__{int(time.time())}"), 1
+    while True:
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            n += 1
+        except OSError as err:
+            raise UserError(f"cannot make the run folder under --runs-dir '{runs_dir}': {err}") from None
 
 
 # FILES AND PLOTS --------------------------------------------------------------------------------
@@ -1543,12 +1544,10 @@ def suspect_rows(dates: list, row_nos: list[int], close: np.ndarray, adjusted: b
 
 def bars_per_year(dates: list) -> tuple[int, str]:
     """periods_per_year from the timestamps. A median gap of 5 days or more: bars per year of the file's span
-    (weekly 52, twice a month 24, monthly 12).
-    Else days a year with bars: 260.9 weekdays x the share of the weekdays with a full day of bars (at
-    least half the median bars a day: FX's Sunday-evening bars are not a day) + 104.4 weekend days x their
-    share, both over the weeks that have bars, snapped to 252 (exchange days), 260 (weekdays) or 365 (every
-    day) when within 2%; times the median bars a day. Daily stocks: 252; hourly FX (24 x 5): 6240; an
-    exchange's hourly bars: 7 x 252; crypto: 8760."""
+    (weekly 52, twice a month 24, monthly 12). Else days a year with bars: 260.9 weekdays x the share of the
+    weekdays with a full day of bars (at least half the median bars a day: FX's Sunday-evening bars are not a
+    day) + 104.4 weekend days x their share, both over the weeks that have bars, snapped to 252 (exchange
+    days), 260 (weekdays) or 365 (every day) when within 2%; times the median bars a day."""
     elapsed = np.array([(d - dates[0]).total_seconds() / 86400 for d in dates])
     gap = float(np.median(np.diff(elapsed)))
     if gap >= 5:
@@ -1571,11 +1570,9 @@ def bars_per_year(dates: list) -> tuple[int, str]:
 
 
 def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
-    """Price CSV without pandas: a date column (or Date and Time, or an unnamed first column), Close, Volume,
-    optionally an adjusted close (Adj Close, adj_close, adjusted_close, ...; the close is scaled by it: splits,
-    dividends); other columns are ignored. Sorted by date ascending. Rows whose Close, adjusted close or Volume
-    is empty or `null` (market holidays in Yahoo exports) are skipped with one warning; repeated timestamps and
-    implausible one-step moves stop the run unless accepted."""
+    """Price CSV without pandas: a date (or Date and Time) column, Close, Volume and optionally an adjusted close,
+    used as the close (splits, dividends); sorted by date. Rows with an empty or `null` value (Yahoo's holidays)
+    are skipped with one warning; repeated timestamps and implausible one-step moves stop the run unless accepted."""
     rows, delimiter, header_line = read_csv_rows(path)
     header = [h.strip().lower().replace("_", " ").replace(".", "") for h in rows[0]]  # Adj. Close (Quandl's WIKI)
     col = {}
@@ -1734,15 +1731,13 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> dict:
     agents = {name: TD3(len(data.names), run_args, device, normalizer, run_args.seed) for name in model["agents"]}
     for name, agent in agents.items():
         agent.load_state_dicts(model["agents"][name])
-    run_dir = make_run_dir(run_args, data.source, "__eval")
+    run_dir = make_run_dir(args.runs_dir, f"{data.source}__{run_args.exp_name}__eval__{run_args.seed}")
     fit_range = tuple(np.asarray(r) for r in model["fit_range"])
     result = evaluation_report(run_args, run_dir, data, agents, normalizer, fit_range, [args.eval_split])
-    results = result["results"][args.eval_split]
-    paired = final_paired(agents, results)
+    paired = final_paired(agents, result["results"][args.eval_split])
     write_json_atomic(os.path.join(run_dir, "td3_action_saturation.json"), {
         "near_bound_threshold": NEAR_BOUND, "collapse_threshold": COLLAPSE_RATIO, "split": args.eval_split,
-        "agents": result["saturation"],
-        "paired": paired})
+        "agents": result["saturation"], "paired": paired})
     write_json_atomic(os.path.join(run_dir, "shift_audit.json"), {"split": args.eval_split, "agents": result["shift"]})
     selected = {name: state["selected_step"] for name, state in model["agents"].items()}
     summary = {"status": "completed", "exit_code": EXIT_CODES["completed"], "run_dir": run_dir,

@@ -311,6 +311,14 @@ def test_bad_inputs_from_the_command_line_are_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and err.startswith(f"error: cannot make the run folder under --runs-dir '{tmp_path / 'a_file'}'")
 
 
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(tr.time, "time", lambda: 1700000000.7)  # three runs of one name in one second
+    base = str(tmp_path / "synthetic0__td3_intrinsic_trading__1__1700000000")
+    assert [tr.make_run_dir(str(tmp_path), "synthetic0__td3_intrinsic_trading__1") for _ in range(3)] == \
+        [base, f"{base}-2", f"{base}-3"]
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(p) for p in (base, f"{base}-2", f"{base}-3")]
+
+
 @pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
 def test_a_flag_tyro_rejects_is_one_line_with_its_guess(capsys, monkeypatch, encoding):
     """tyro's boxed message as one line: its title once, and the flags it guesses for a typo. tyro draws the box
@@ -1461,7 +1469,7 @@ def test_the_q_comparison_scores_both_critics_on_the_same_states(tmp_path):
     each_on_its_own = q1_by_hand(intr, own["intrinsic"]) - q1_by_hand(base, own["baseline"])
     assert abs(paired["q1_delta_mean"] - each_on_its_own) > 1e-3  # what the old comparison measured differs
     log = tr.TrainingLog("baseline", args, str(tmp_path), both)  # the history: Q1 on the states it was given
-    log.evaluation({"saturation": {"near_bound_ratio": 0.0, "kappa_mean": 1.0}, "q1_mean": 0.0,
+    log.evaluation({"saturation": {"near_bound_ratio": 0.0, "kappa_mean": 1.0},
                     "metrics": {"sharpe": 0.0, "total_return": 0.0}}, base, 100)
     log.writer.close()
     assert log.history[0]["q1_mean_fit_states"] == pytest.approx(q1_by_hand(base, both), rel=1e-5)
