@@ -1419,32 +1419,34 @@ def plot_saturation(results: dict, split: str, path: str) -> None:
 
 
 # CSV READING: --data-csv, as spreadsheets and data vendors export it ------------------------------
-def read_csv_rows(path: str) -> tuple[list[list[str]], str, int]:
-    """The cells of a CSV (gzipped if it ends in .gz) from its header on, its delimiter and the header's line
-    number (blank lines before it are skipped): a UTF-8 byte-order mark ("CSV UTF-8" exports) is dropped; lines
-    end in LF, CRLF or CR (old Mac exports); the delimiter (comma, semicolon or tab) is the one the header uses
-    most."""
+def read_csv_rows(path: str) -> tuple[list[list[str]], list[int], str]:
+    """The records of a CSV (gzipped if it ends in .gz) from its header on, the file line each starts on, and
+    the delimiter: a UTF-8 byte-order mark ("CSV UTF-8" exports) and blank lines before the header are
+    dropped; lines end in LF, CRLF or CR (old Mac exports); the delimiter (comma, semicolon or tab) is the
+    one the header uses most; a quoted field may span lines."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", newline="", encoding="utf-8-sig") as f:
             text = f.read()
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as err:  # EOFError: a truncated .gz
         raise UserError(f"cannot read --data-csv '{path}': {err}") from None
-    lines = text.splitlines()
-    first = next((i for i, line in enumerate(lines) if line), None)  # a tab-only line is an unnamed column
-    if first is None or not text.strip():
+    lines = re.split(r"\r\n|\r|\n", text)
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)  # the header
+    if first is None:
         raise UserError(f"--data-csv '{path}' is empty")
     delimiter = max((",", ";", "\t"), key=lines[first].count)
     reader = csv.reader(io.StringIO("\n".join(lines[first:])), delimiter=delimiter)
+    rows, starts, start = [], [], first + 1
     try:
-        rows = list(reader)
-    except csv.Error as err:  # a quote never closed swallows the rest of the file into one field
-        raise UserError(f"--data-csv '{path}' line {first + reader.line_num}: {err} (a quote (\") never closed?)") \
-            from None
-    quoted = next((i for i, row in enumerate(rows) if any("\n" in cell for cell in row)), None)
-    if quoted is not None:
-        raise UserError(f"--data-csv '{path}' line {first + quoted + 1}: a quote (\") opens a field that runs past "
-                        "the end of the line; close it or remove it")
-    return rows, delimiter, first + 1
+        for row in reader:
+            rows.append(row)
+            starts.append(start)
+            start = first + reader.line_num + 1
+    except csv.Error as err:  # a field outgrew csv's limit: a quote never closed swallowed the rest of the file
+        raise UserError(f"--data-csv '{path}' line {start}: {err} (a quote (\") never closed?)") from None
+    if any("\n" in cell for cell in rows[-1]):  # the last record ran to the end of the file
+        raise UserError(f"--data-csv '{path}' line {starts[-1]}: a quote (\") opens a field that never closes; "
+                        "close it or remove it")
+    return rows, starts, delimiter
 
 
 def date_then_time(fmt: str):
@@ -1547,7 +1549,8 @@ def bars_per_year(dates: list) -> tuple[int, str]:
     (weekly 52, twice a month 24, monthly 12). Else days a year with bars: 260.9 weekdays x the share of the
     weekdays with a full day of bars (at least half the median bars a day: FX's Sunday-evening bars are not a
     day) + 104.4 weekend days x their share, both over the weeks that have bars, snapped to 252 (exchange
-    days), 260 (weekdays) or 365 (every day) when within 2%; times the median bars a day."""
+    days), 260 (weekdays) or 365 (every day) when within 2%; times the median bars a day. The span runs from the
+    first to the last full day: a file cut mid-session says nothing about the days it cut."""
     elapsed = np.array([(d - dates[0]).total_seconds() / 86400 for d in dates])
     gap = float(np.median(np.diff(elapsed)))
     if gap >= 5:
@@ -1570,10 +1573,11 @@ def bars_per_year(dates: list) -> tuple[int, str]:
 
 
 def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
-    """Price CSV without pandas: a date (or Date and Time) column, Close, Volume and optionally an adjusted close,
-    used as the close (splits, dividends); sorted by date. Rows with an empty or `null` value (Yahoo's holidays)
-    are skipped with one warning; repeated timestamps and implausible one-step moves stop the run unless accepted."""
-    rows, delimiter, header_line = read_csv_rows(path)
+    """Price CSV without pandas: a date (or Date and Time, or an unnamed first) column, Close, Volume and an
+    optional adjusted close, used as the close (splits, dividends); sorted by date. Rows with an empty or `null`
+    value (Yahoo's holidays) are skipped with one warning; repeated timestamps and implausible one-step moves
+    stop the run unless accepted."""
+    rows, line_nos, delimiter = read_csv_rows(path)
     header = [h.strip().lower().replace("_", " ").replace(".", "") for h in rows[0]]  # Adj. Close (Quandl's WIKI)
     col = {}
     for name, options in (("date", ("date", "datetime", "timestamp", "time", "gmt time", "local time")),
@@ -1596,7 +1600,7 @@ def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
                         "export them without digit grouping")
     decimal_comma = marks == {","} and delimiter != ","  # 101,5 in a semicolon or tab file (European locales)
     records, skipped = [], []
-    for row_no, row in enumerate(rows[1:], start=header_line + 1):
+    for row_no, row in zip(line_nos[1:], rows[1:]):  # the file's line numbers: what an editor shows
         if not any(cell.strip() for cell in row):
             continue
         if len(row) < len(header) or any(cell.strip() for cell in row[len(header):]):
@@ -1681,8 +1685,8 @@ def eval_settings(args: Args, saved: Args) -> tuple[Args, dict]:
     data (--data-csv, or --market-seed/--market-steps: the synthetic market) brings its own bars per year."""
     default = Args()
     for name in MODEL_SETTINGS:
-        if name != "state_norm" and not saved.state_norm:
-            continue  # the normalizer's kind, log volume and the relative layout act only with --state-norm
+        if name in ("state_norm_kind", "log_volume", "stationary") and not saved.state_norm:
+            continue  # they act only with --state-norm
         if getattr(args, name) != getattr(default, name) and getattr(args, name) != getattr(saved, name):
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: the checkpoint's networks were built "
                             f"with {getattr(saved, name)}; --eval-only evaluates them as saved")
@@ -1696,7 +1700,10 @@ def eval_settings(args: Args, saved: Args) -> tuple[Args, dict]:
     run_args = dataclasses.replace(args, eval_only=True, compile=False,
                                    **{name: getattr(saved, name) for name in MODEL_SETTINGS},
                                    **{name: getattr(saved, name) for name in EVAL_SETTINGS if name not in given})
-    check_args(run_args)  # the command line's splits with the checkpoint's, say
+    try:
+        check_args(run_args)  # the command line's splits with the checkpoint's, say
+    except UserError as err:
+        raise UserError(f"{err} (with the checkpoint's settings for what the command line does not give)") from None
     return run_args, {name: {"value": getattr(run_args, name), "from": "command line" if name in given else
                              "checkpoint"} for name in EVAL_SETTINGS}
 

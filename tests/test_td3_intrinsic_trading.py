@@ -466,16 +466,20 @@ def test_csv_line_ends_blank_lines_quotes_and_a_truncated_gz(tmp_path):
                                                                                                OHLCV, rows)).close)
     for row in rows[120:]:
         row[4] /= 2
-    (tmp_path / "blank.csv").write_text("\n\n" + text.split("\n", 1)[0] + "\n"
+    (tmp_path / "blank.csv").write_text("\n \n" + text.split("\n", 1)[0] + "\n"
                                         + "\n".join(",".join(map(str, row)) for row in rows))
     with pytest.raises(tr.UserError, match="^row 124: .* 2:1 split"):  # row 122 of the data, after 2 blank lines
         tr.load_csv(str(tmp_path / "blank.csv"))
+    notes = [[*row, '"two\nlines"' if i == 5 else "a\u2028b"] for i, row in enumerate(rows)]  # a note column
+    (tmp_path / "notes.csv").write_text("\n".join(",".join(map(str, row)) for row in [[*OHLCV, "Note"], *notes]))
+    with pytest.raises(tr.UserError, match="^row 123: .* 2:1 split"):  # a quoted field over two lines is read,
+        tr.load_csv(str(tmp_path / "notes.csv"))  # and the rows after it are named by their line in the file
     (tmp_path / "quote.csv").write_text(text.replace("100.9,", '"100.9,', 1))  # on file line 11, never closed
-    with pytest.raises(tr.UserError, match=r"line 11: a quote \(\"\) opens a field that runs past the end"):
+    with pytest.raises(tr.UserError, match=r"line 11: a quote \(\"\) opens a field that never closes"):
         tr.load_csv(str(tmp_path / "quote.csv"))
     long = text + "".join(f"2002-{1 + i // 28 % 12:02d}-{1 + i % 28:02d},1,1,1,1,1\n" for i in range(6000))
     (tmp_path / "long.csv").write_text(long.replace("100.9,", '"100.9,', 1))  # the field outgrows csv's limit
-    with pytest.raises(tr.UserError, match=r"field larger than field limit .* never closed"):
+    with pytest.raises(tr.UserError, match=r"line 11: field larger than field limit .* never closed"):
         tr.load_csv(str(tmp_path / "long.csv"))
     (tmp_path / "cut.csv.gz").write_bytes(gzip.compress(text.encode())[:500])  # a download cut short
     with pytest.raises(tr.UserError, match="cannot read --data-csv .*cut.csv.gz'"):
@@ -1413,8 +1417,10 @@ def test_eval_only_of_a_csv_run_on_other_data_takes_that_data_s_bars_per_year(sa
     torch.save(saved, tmp_path / "csv_run.pt")
     with pytest.raises(tr.UserError, match=f"the checkpoint's --data-csv '{tmp_path / 'moved.csv'}' is not there"):
         tr.main(tr.Args(**common))
-    # flags that act only with --state-norm are not held against a checkpoint trained without it
+    # flags that act only with --state-norm are not held against a checkpoint trained without it; the width is
     tr.eval_settings(tr.Args(eval_only=True, checkpoint="m.pt", stationary=False), tr.Args())
+    with pytest.raises(tr.UserError, match="--hidden-size 64: the checkpoint's networks were built with 32"):
+        tr.eval_settings(tr.Args(eval_only=True, checkpoint="m.pt", hidden_size=64), tr.Args())
     with pytest.raises(tr.UserError, match="--stationary False: the checkpoint's networks were built with True"):
         tr.eval_settings(tr.Args(eval_only=True, checkpoint="m.pt", stationary=False), tr.Args(state_norm=True))
 
