@@ -6,7 +6,7 @@ in the same process (a shared machine drifts by 10-30% within minutes, so only s
 alternation compares), its share of the fp32 matmul rate, and a short run's learning-phase SPS.
 Writes nothing.
 
-Run:     python benchmark_update.py --env-id Hopper-v4            (add --no-compile, --bf16, --threads N)
+Run:     python benchmark_update.py --env-id Hopper-v4            (add --no-compile, --bf16 or --no-bf16, --threads N)
 """
 
 import dataclasses

@@ -64,8 +64,8 @@ class Args:
     """torch intra-op threads (0 keeps torch's default, one per core)"""
     compile: bool = True
     """torch.compile the two losses (a few seconds once, at the first updates; needs a C++ compiler on CPU)"""
-    bf16: bool = False
-    """bfloat16 matmuls in the losses (autocast; fast on CPUs with AVX512-BF16/AMX); weights stay fp32"""
+    bf16: bool = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    """bfloat16 matmuls in the losses (autocast; weights stay fp32); on by default where the CPU has AVX512-BF16/AMX"""
     runs_dir: str = "runs"
     """root folder of the run folders"""
     save_model: bool = False
@@ -754,7 +754,7 @@ class RunFolder:
         summary = {
             "status": self.status, "exit_code": 128 + self.signum if self.signum else EXIT_CODES[self.status],
             "env_id": self.args.env_id, "seed": self.args.seed, "global_step": step,
-            "total_timesteps": self.args.total_timesteps, "episodes": self.progress["episodes"],
+            "total_timesteps": self.args.total_timesteps, "bf16": self.args.bf16, "episodes": self.progress["episodes"],
             "updates": agent.n_updates, "eval_return_last": last.get("eval_return_mean"),
             "eval_return_std_last": last.get("eval_return_std"),
             "eval_return_mean_last10": float(np.mean(last10)) if last10 else None,

@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -27,7 +28,8 @@ SCRIPT = os.path.join(ROOT, "td3_continuous.py")
 # One network shape for every test that compiles (obs 3, action 1, 64-wide, batch 128: Pendulum's):
 # on a fresh machine each new shape costs a C++ build of its graphs, so they all reuse one, and they are
 # marked xdist_group("compiled_td3"): one worker builds the graphs once and the other never waits on it.
-SHAPE = dict(hidden_sizes=(64, 64), batch_size=128)
+# In fp32 on every machine (--bf16 is the default where the CPU has bf16 matmuls: test_bf16_rounding.py).
+SHAPE = dict(hidden_sizes=(64, 64), batch_size=128, bf16=False)
 
 
 def small_args(tmp_path, **overrides) -> td3.Args:
@@ -54,6 +56,21 @@ def run_cli(capsys, monkeypatch, *argv):
 
 
 # --- mechanisms, by hand ------------------------------------------------------------------------
+@pytest.mark.parametrize("avx512_bf16, amx, default", [(False, False, False), (True, False, True),
+                                                       (False, True, True)])
+def test_bf16_is_the_default_only_on_cpus_with_bf16_matmuls(monkeypatch, avx512_bf16, amx, default):
+    """--bf16 learns as well as fp32 (docs/mujoco.md) but runs ~40x slower without AVX512-BF16 or AMX."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    spec = importlib.util.spec_from_file_location("td3_on_another_cpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)  # Args' defaults are fixed when the class is made: on import
+    assert module.Args().bf16 is default
+    assert td3.parse_cli(module.Args, []).bf16 is default  # the command line's default too
+    assert td3.parse_cli(module.Args, ["--no-bf16" if default else "--bf16"]).bf16 is not default
+
+
 def test_td3_target_clipped_double_q_with_smoothing_by_hand():
     next_obs = torch.tensor([[1.0], [2.0], [-4.0], [3.0]])
     actor_target = lambda o: 0.5 * o  # pi'(s') = [0.5, 1.0, -2.0, 1.5]
@@ -602,6 +619,7 @@ def test_eval_only_reproduces_the_final_evaluation(saved_model, tmp_path):
     # the training run completed and says so, with the keys the README documents
     assert summary["status"] == "completed" and summary["exit_code"] == 0 and summary["global_step"] == 1000
     assert summary["updates"] == 600 and summary["episodes"] == 5 and summary["checkpoint_step"] is None
+    assert summary["bf16"] is False  # small_args: fp32
     with open(os.path.join(summary["run_dir"], "evaluations.csv")) as f:
         evals = [float(row["eval_return_mean"]) for row in csv.DictReader(f)]
     assert len(evals) == 2 and summary["eval_return_mean_last10"] == pytest.approx(np.mean(evals))
