@@ -872,7 +872,7 @@ def set_rng_state(state: dict, envs) -> None:
 def load_torch_file(path: str, what: str) -> dict:
     """A model.pt or checkpoint.pt of this script. weights_only=True: tensors and plain values, never code."""
     if not os.path.isfile(path):
-        raise UserError(f"{what} '{path}' does not exist; give the path of a model.pt or checkpoint.pt")
+        raise UserError(f"{what} '{path}' {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -1656,7 +1656,8 @@ def load_model(path: str) -> dict:
     """model.pt written by --save-model; a missing, unreadable or foreign file is one UserError. weights_only=True:
     a file from someone else holds tensors and plain values only, never code that runs when it is read."""
     if not os.path.isfile(path):
-        raise UserError(f"--checkpoint '{path}' does not exist (write one with --save-model)")
+        where = "is a folder: give the model.pt in it" if os.path.isdir(path) else "does not exist"
+        raise UserError(f"--checkpoint '{path}' {where} (write one with --save-model)")
     try:
         model = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

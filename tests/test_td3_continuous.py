@@ -455,6 +455,7 @@ def make_agent_for(state, obs_dim, low, high):
     (["--learning-rate", "nan"], "--learning-rate must be finite and > 0, got nan"),
     (["--total-timesteps", "abc"], "--total-timesteps"),
     (["--resume", "/nonexistent/checkpoint.pt"], "does not exist"),
+    (["--resume", "/"], "'/' is a folder, not a file"),
     (["--eval-only"], "--checkpoint"),
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, argv, words, capsys, monkeypatch):

@@ -1344,7 +1344,8 @@ def test_eval_only_errors_are_one_line(saved_run, tmp_path, capsys):
     (tmp_path / "broken.pt").write_bytes(b"not a zip")
     cases = {str(tmp_path / "missing.pt"): "does not exist", str(tmp_path / "foreign.pt"): "not a td3_intrinsic",
              str(tmp_path / "broken.pt"): "not a readable model.pt",
-             str(tmp_path / "other_layout.pt"): "saved with features"}
+             str(tmp_path / "other_layout.pt"): "saved with features",
+             summary["run_dir"]: "is a folder: give the model.pt in it"}
     for path, message in cases.items():
         code, err = run_cli(capsys, "--eval-only", "--checkpoint", path, "--runs-dir", str(tmp_path / "runs"))
         assert code == 2, err
