@@ -801,7 +801,9 @@ def main(args: Args) -> dict:
                     trained[name] = train_agent(name, args, data, normalizer, device, run_dir, stop, intrinsic[name])
                     if stop.signum is not None:
                         break
-            if stop.signum is not None:
+            # a signal during the last step's evaluation leaves every agent trained: the report goes on
+            finished = [t["log"].steps == args.total_timesteps for t in trained.values()]
+            if stop.signum is not None and not (len(finished) == len(names) and all(finished)):
                 return end_early(args, run_dir, trained, signum=stop.signum)
         except Diverged as err:
             return end_early(args, run_dir, trained, error=err)

@@ -848,6 +848,30 @@ def test_a_signal_once_training_is_over_lets_the_report_finish(tmp_path, monkeyp
     assert "SIGINT: stopping after this step" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("signalled_evaluation, status", [(2, "interrupted"), (4, "completed")])
+def test_a_signal_at_the_last_step_s_evaluation_ends_training_as_it_stands(tmp_path, monkeypatch, capsys,
+                                                                           signalled_evaluation, status):
+    """Two agents one after the other, two validation evaluations each (steps 150, 300): Ctrl-C during the
+    baseline's last one leaves the intrinsic agent untrained (the run stops there); during the intrinsic
+    agent's last one, both are fully trained and the report goes on."""
+    evaluate_split, calls = tr.evaluate_split, []
+
+    def signalled(*args):
+        calls.append(1)
+        if len(calls) == signalled_evaluation:
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate_split(*args)
+    monkeypatch.setattr(tr, "evaluate_split", signalled)
+    monkeypatch.setattr(tr, "side_by_side", lambda names, device: False)
+    summary = tr.main(tr.Args(total_timesteps=300, learning_starts=100, eval_frequency=150, market_steps=600,
+                              episode_length=64, compile=False, cuda=False, runs_dir=str(tmp_path)))
+    assert summary["status"] == status and read_json(summary["run_dir"], "summary.json") == summary
+    assert summary["exit_code"] == (0 if status == "completed" else 130)
+    if status == "interrupted":
+        assert summary["steps"] == {"baseline": 300}  # the intrinsic agent never started
+    assert "SIGINT: stopping after this step" in capsys.readouterr().err
+
+
 # --- metrics --------------------------------------------------------------------------------------
 def test_performance_metrics_by_hand():
     r = np.array([0.1, -0.05, 0.02, -0.01])
