@@ -1,10 +1,10 @@
 """Does TD3 learn as well with `--bf16`? A question for CPUs that lack bf16 matmuls, where `--bf16` runs
-the update ~40x slower than fp32 (Zen 3: 2 GFLOP/s against 81), far too slow for 100k-step runs.
+the update 10-26x slower than fp32 (its matmuls ~40x: Zen 3, 2 GFLOP/s against 81): too slow for full runs.
 
 This runs td3_continuous.py with `--bf16`'s arithmetic at fp32 speed: inside the update's autocast
 regions (and only there, as `--bf16`), nn.Linear and the actor's tanh round what autocast rounds (see
 linear_as_bf16), and through the same casts their gradients. One update's critic gradients come out
-bit for bit those of autocast's real bfloat16, the actor's 93% so and the rest a few bfloat16 steps
+bit for bit those of eager autocast's real bfloat16, the actor's 93% so and the rest a few bfloat16 steps
 apart (tanh's backward uses its unrounded output here): tests/test_bf16_rounding.py.
 
 Run:     python bf16_rounding.py --env-id Hopper-v5 --seed 1 ...   (td3_continuous.py's flags; --bf16 is on)

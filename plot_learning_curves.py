@@ -89,18 +89,23 @@ def read_run(run_dir: str) -> dict:
         raise UserError(f"'{csv_path}' has no evaluation yet")
     parts = os.path.basename(os.path.normpath(run_dir)).split("__")
     return {"dir": run_dir, "env_id": summary["env_id"], "exp_name": parts[1] if len(parts) == 4 else "?",
-            "seed": summary["seed"], "steps": np.array([int(r["global_step"]) for r in rows]),
+            "seed": summary["seed"], "bf16": summary.get("bf16"),  # None: written before summary.json said
+            "steps": np.array([int(r["global_step"]) for r in rows]),
             "returns": np.array([float(r["eval_return_mean"]) for r in rows])}
 
 
 def check_runs(env_id: str, exp_name: str, runs: list[dict]) -> None:
-    """The runs of one experiment are averaged step by step: each seed once, all evaluated at the same steps
-    (a run stopped early has fewer: the first ones of the longest run's)."""
+    """The runs of one experiment are averaged step by step: each seed once, in one precision (--bf16's default
+    follows the CPU), all evaluated at the same steps (a run stopped early has fewer: the first ones of the longest
+    run's)."""
     longest = max(runs, key=lambda run: len(run["steps"]))
     for i, run in enumerate(runs):
         for other in runs[:i]:
             if other["seed"] == run["seed"]:
                 raise UserError(f"{env_id} {exp_name}: seed {run['seed']} twice, '{other['dir']}' and '{run['dir']}'")
+            if None not in (run["bf16"], other["bf16"]) and run["bf16"] != other["bf16"]:
+                raise UserError(f"{env_id} {exp_name}: '{other['dir']}' ran with bf16 {other['bf16']} and "
+                                f"'{run['dir']}' with {run['bf16']}: give each precision its own --exp-name")
         if not np.array_equal(run["steps"], longest["steps"][: len(run["steps"])]):
             raise UserError(f"{env_id} {exp_name}: '{run['dir']}' and '{longest['dir']}' were evaluated at different "
                             "steps (another --eval-frequency?); their mean would mix steps: plot them separately")

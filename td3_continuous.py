@@ -36,7 +36,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import gymnasium as gym
@@ -52,7 +51,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder name); default: this file's name, so a fork's runs say so"""
@@ -64,8 +63,9 @@ class Args:
     """torch intra-op threads (0 keeps torch's default, one per core)"""
     compile: bool = True
     """torch.compile the two losses (a few seconds once, at the first updates; needs a C++ compiler on CPU)"""
-    bf16: bool = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    """bfloat16 matmuls in the losses (autocast; weights stay fp32); on by default where the CPU has AVX512-BF16/AMX"""
+    bf16: bool = not torch.cuda.is_available() and (torch.cpu._is_avx512_bf16_supported()
+                                                    or torch.cpu._is_amx_tile_supported())
+    """bfloat16 matmuls in the losses (autocast); default: on where the update runs on a CPU with AVX512-BF16/AMX"""
     runs_dir: str = "runs"
     """root folder of the run folders"""
     save_model: bool = False
@@ -73,7 +73,7 @@ class Args:
     checkpoint_frequency: int = 0
     """write checkpoint.pt (model + replay buffer + RNG states) every N env steps; 0 disables"""
     resume: Optional[str] = None
-    """path of a checkpoint.pt: continue its run with its saved settings (--threads, --cuda, --compile may change)"""
+    """path of a checkpoint.pt: continue its run with its saved settings (but --threads, --cuda, --compile, --bf16)"""
     eval_only: bool = False
     """only evaluate the model in --checkpoint, with its settings (but --seed, --eval-episodes, --threads, --cuda)"""
     checkpoint: Optional[str] = None
@@ -153,8 +153,7 @@ class Actor(nn.Module):
         self.register_buffer("action_bias", torch.as_tensor((action_high + action_low) / 2.0, dtype=torch.float32))
 
     def forward(self, obs: torch.Tensor, with_preactivation: bool = False):
-        """pi(s); with_preactivation: (pi(s), u), u the input of tanh (the gradient reaching u is scaled by
-        kappa = 1 - tanh(u)^2, 0 at the bound)."""
+        """pi(s); with_preactivation: (pi(s), u), u the input of tanh (its gradient scaled by kappa = 1 - tanh(u)^2)"""
         u = self.fc_mu(F.relu(self.fc2(F.relu(self.fc1(obs)))))
         action = torch.tanh(u) * self.action_scale + self.action_bias
         return (action, u) if with_preactivation else action
@@ -622,7 +621,7 @@ class RunFolder:
         if checkpoint is not None:
             self.dir = os.path.dirname(os.path.abspath(args.resume))
             self.progress.update(checkpoint["progress"])
-            print(f"resuming {self.dir} at step {self.progress['global_step']} with the arguments saved in it")
+            print(f"resuming {self.dir} at step {self.progress['global_step']} (saved arguments; bf16 {args.bf16})")
         os.makedirs(self.dir, exist_ok=True)
         self.checkpoint_step = None if checkpoint is None else self.progress["global_step"]  # of checkpoint.pt
         write_evaluations_csv(os.path.join(self.dir, "evaluations.csv"), self.progress["eval_history"])
@@ -890,17 +889,18 @@ def load_torch_file(path: str, what: str) -> dict:
 
 
 def load_saved(args: Args, own: tuple = ("resume", "threads", "cuda", "compile")) -> tuple[Args, Optional[dict]]:
-    """--resume or --eval-only: the checkpoint's settings and the checkpoint. The settings in `own` come from the
-    command line where given; any other given there (not its default) unlike the saved one is refused, never dropped."""
+    """--resume or --eval-only: the checkpoint's settings and the checkpoint. `own` settings come from the command
+    line where given, --bf16 always (its default is this CPU's); any other given unlike the saved one is refused."""
     path, flag = (args.checkpoint, "--eval-only") if args.eval_only else (args.resume, "--resume")
     state = load_torch_file(path, "--checkpoint" if args.eval_only else flag) if path else None
     if state is not None and not args.eval_only and "buffer" not in state:
         raise UserError(f"'{args.resume}' has no replay buffer: resume from a checkpoint.pt (--checkpoint-frequency N)")
     saved = state["args"] if state else args
     for (name, value), old in zip(dataclasses.asdict(args).items(), dataclasses.astuple(saved)):
-        if name not in own and value != getattr(Args(), name) and value != old:  # given (not the default), not saved
+        if name not in (*own, "bf16") and value != getattr(Args(), name) and value != old:  # given, not saved
             raise UserError(f"--{name.replace('_', '-')} {value}: {flag} keeps the checkpoint's settings ({old})")
-    return dataclasses.replace(saved, **{k: vars(args)[k] for k in own if vars(args)[k] != getattr(Args, k)}), state
+    given = {k: vars(args)[k] for k in own if vars(args)[k] != getattr(Args, k)}
+    return dataclasses.replace(saved, bf16=args.bf16, **given), state
 
 
 def start_or_resume(envs, agent: TD3, rb: ReplayBuffer, args: Args, checkpoint: Optional[dict]):

@@ -13,7 +13,7 @@ import plot_learning_curves as plc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def fake_run(root, env_id, exp_name, seed, returns, step=5000):
+def fake_run(root, env_id, exp_name, seed, returns, step=5000, **summary):
     """A run folder as td3_continuous.py writes it: evaluations.csv every `step` steps, summary.json."""
     run_dir = os.path.join(root, f"{env_id}__{exp_name}__{seed}__1700000000")
     os.makedirs(run_dir)
@@ -22,7 +22,7 @@ def fake_run(root, env_id, exp_name, seed, returns, step=5000):
         for i, value in enumerate(returns, start=1):
             f.write(f"{i * step},{value},1.0,,{i}\n")
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump({"env_id": env_id, "seed": seed}, f)
+        json.dump({"env_id": env_id, "seed": seed, **summary}, f)
     return run_dir
 
 
@@ -102,3 +102,16 @@ def test_a_seed_given_twice_is_refused_with_both_paths(tmp_path):
     result = run_plot(a, b, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr == f"error: Hopper-v5 td3_paper: seed 1 twice, '{a}' and '{b}'\n"
+
+
+def test_runs_of_two_precisions_are_not_averaged(tmp_path):
+    """--bf16's default follows the CPU: one exp-name's seeds run on two machines may differ in precision."""
+    a = fake_run(tmp_path, "Hopper-v5", "td3_paper", 1, [1.0] * 20, bf16=False)
+    b = fake_run(tmp_path, "Hopper-v5", "td3_paper", 2, [3.0] * 20, bf16=True)
+    result = run_plot(a, b, cwd=tmp_path)
+    assert result.returncode == 2 and not (tmp_path / "figures").exists()
+    assert result.stderr == (f"error: Hopper-v5 td3_paper: '{a}' ran with bf16 False and '{b}' with True: give each "
+                             "precision its own --exp-name\n")
+    c = fake_run(tmp_path, "Hopper-v5", "td3_paper", 3, [5.0] * 20)  # an older summary.json: precision unknown
+    table = plc.main(plc.Args(run_dirs=(a, c), out_dir=str(tmp_path / "fig")))
+    assert [(row["step"], row["mean"]) for row in table] == [(100_000, 3.0)]

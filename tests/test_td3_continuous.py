@@ -56,10 +56,12 @@ def run_cli(capsys, monkeypatch, *argv):
 
 
 # --- mechanisms, by hand ------------------------------------------------------------------------
-@pytest.mark.parametrize("avx512_bf16, amx, default", [(False, False, False), (True, False, True),
-                                                       (False, True, True)])
-def test_bf16_is_the_default_only_on_cpus_with_bf16_matmuls(monkeypatch, avx512_bf16, amx, default):
-    """--bf16 learns as well as fp32 (docs/mujoco.md) but runs ~40x slower without AVX512-BF16 or AMX."""
+@pytest.mark.parametrize("cuda, avx512_bf16, amx, default", [(False, False, False, False), (False, True, False, True),
+                                                             (False, False, True, True), (True, True, True, False)])
+def test_bf16_is_the_default_only_on_cpus_with_bf16_matmuls(monkeypatch, cuda, avx512_bf16, amx, default):
+    """--bf16 learns as well as fp32 (docs/mujoco.md) but its update runs 7-13x slower on a CPU without AVX512-BF16
+    or AMX; with a CUDA device the update runs there, whatever the CPU: fp32 unless asked."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     spec = importlib.util.spec_from_file_location("td3_on_another_cpu", SCRIPT)
@@ -573,6 +575,13 @@ def test_resume_keeps_the_saved_settings_but_takes_runtime_flags_from_the_comman
     assert (args.threads, args.compile, args.cuda, args.resume) == (1, False, False, ckpt)
     args, _ = td3.load_saved(td3.Args(resume=ckpt))  # no runtime flag given: the run's own
     assert (args.threads, args.compile, args.cuda) == (0, True, False)  # as saved (compile: set above)
+    # --bf16 follows the command line, by default this CPU's, whatever the checkpoint's machine ran (a bf16 run
+    # resumed on a CPU without bf16 matmuls would crawl; --no-bf16 must not be dropped as "the default")
+    here = td3.Args().bf16
+    state["args"]["bf16"] = not here  # saved on the other kind of CPU
+    torch.save(state, ckpt)
+    assert td3.load_saved(td3.Args(resume=ckpt))[0].bf16 is here
+    assert td3.load_saved(td3.Args(resume=ckpt, bf16=not here))[0].bf16 is (not here)
     # a checkpoint of a compiled run resumes with --no-compile on a machine without a C++ compiler
     monkeypatch.setattr(td3.shutil, "which", lambda name: None)
     resumed = td3.main(td3.Args(resume=ckpt, compile=False, cuda=False))
@@ -601,6 +610,8 @@ def test_eval_only_takes_seed_and_episodes_from_the_checkpoint_unless_given(save
     given = td3.main(td3.Args(eval_only=True, checkpoint=model, runs_dir=str(tmp_path), cuda=False, eval_episodes=3))
     assert (given["seed"], given["eval_episodes"], len(given["eval_returns"])) == (2, 3, 3)
     assert given["from_command_line"] == ["eval_episodes"] and "__2__" in os.path.basename(given["run_dir"])
+    bf16 = td3.main(td3.Args(eval_only=True, checkpoint=model, runs_dir=str(tmp_path), cuda=False, bf16=True))
+    assert bf16["eval_return_mean"] == summary["eval_return_last"]  # acting has no autocast: not refused, same
     # a setting that would change what is evaluated is refused, not silently replaced by the saved one
     for flag, value, saved in (("env_id", "Walker2d-v5", "Pendulum-v1"), ("gamma", 0.9, 0.99)):
         with pytest.raises(td3.UserError) as err:
