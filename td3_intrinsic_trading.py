@@ -315,8 +315,7 @@ class Actor(nn.Module):
         self.register_buffer("action_bias", torch.as_tensor((action_high + action_low) / 2.0, dtype=torch.float32))
 
     def forward(self, obs: torch.Tensor, with_preactivation: bool = False):
-        """pi(s); with_preactivation: (pi(s), u), u the input of tanh (the gradient reaching u is scaled by
-        kappa = 1 - tanh(u)^2, 0 at the bound)."""
+        """pi(s); with_preactivation: (pi(s), u), u the input of tanh (its gradient scaled by kappa = 1 - tanh(u)^2)"""
         u = self.fc_mu(F.relu(self.fc2(F.relu(self.fc1(obs)))))
         action = torch.tanh(u) * self.action_scale + self.action_bias
         return (action, u) if with_preactivation else action
