@@ -620,6 +620,14 @@ def test_eval_only_takes_seed_and_episodes_from_the_checkpoint_unless_given(save
                                  f"({saved})"
 
 
+@pytest.mark.xdist_group("saved_model")
+def test_resume_from_a_model_file_names_what_it_lacks(saved_model):
+    _, model = saved_model  # model.pt holds the networks but no replay buffer
+    with pytest.raises(td3.UserError) as err:
+        td3.main(td3.Args(resume=model, cuda=False))
+    assert str(err.value) == f"'{model}' has no replay buffer: resume from a checkpoint.pt (--checkpoint-frequency N)"
+
+
 @pytest.mark.xdist_group("saved_model")  # one worker trains the shared run once
 def test_eval_only_reproduces_the_final_evaluation(saved_model, tmp_path):
     summary, model = saved_model
@@ -741,7 +749,31 @@ def test_divergence_advice_names_only_what_the_run_can_change(tmp_path):
         run.check_finite(agent, rb, 7)
     run.last_losses = {"qf1_loss": 1.0}
     run.check_finite(agent, rb, 7)  # finite losses and weights: no error
+    agent.actor.fc2.weight[3, 5] = math.nan  # finite losses, one weight gone: still caught, by what it is
+    with pytest.raises(td3.Diverged, match=r"^training diverged at step 8: a network weight = nan\. Likely cause: "):
+        run.check_finite(agent, rb, 8)
     run.writer.close()
+
+
+def test_spaces_td3_cannot_handle_are_one_user_error_each():
+    class CraftedEnv(gym.Env):
+        def __init__(self, observation_space, action_space):
+            self.observation_space, self.action_space, self.closed = observation_space, action_space, False
+
+        def close(self):
+            self.closed = True
+    box = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    cases = [(box, gym.spaces.Box(-np.inf, np.inf, (1,), np.float32), "has unbounded actions Box(-inf, inf, (1,), "
+              "float32); TD3's tanh actor needs finite bounds"),
+             (gym.spaces.Dict({"pos": box}), box, "wrap it in gymnasium.wrappers.FlattenObservation"),
+             (box, gym.spaces.Box(-1.0, 1.0, (2, 2), np.float32), "TD3 needs a 1-D continuous Box"),
+             (box, gym.spaces.Discrete(3), "TD3 needs a 1-D continuous Box (for discrete actions use DQN)")]
+    for observation_space, action_space, words in cases:
+        env = CraftedEnv(observation_space, action_space)
+        with pytest.raises(td3.UserError) as err:
+            td3.checked_env("Crafted-v0", lambda: env)
+        assert str(err.value).startswith("'Crafted-v0' has ") and words in str(err.value) and env.closed
+    assert td3.checked_env("Crafted-v0", lambda: CraftedEnv(box, box)).action_space == box
 
 
 def test_atomic_json_leaves_nothing_behind_on_error(tmp_path):
