@@ -1478,7 +1478,9 @@ def parse_dates(texts: list[str], row_nos: list[int]) -> list:
         for text, row_no in zip(texts, row_nos):
             if not any(_parses(parse, text) for parse in DATE_FORMATS.values()):
                 raise UserError(f"row {row_no}: date '{text}' is none of: {', '.join(DATE_FORMATS)}")
-        raise UserError(f"row {row_nos[0]}: the dates mix formats ({', '.join(DATE_FORMATS)}); use one")
+        first = next(name for name, parse in DATE_FORMATS.items() if _parses(parse, texts[0]))
+        row_no, text = next((n, t) for n, t in zip(row_nos, texts) if not _parses(DATE_FORMATS[first], t))
+        raise UserError(f"row {row_no}: date '{text}' is not in the format of the rows before it ({first}); use one")
     if len(fits) > 1:
         raise UserError(f"the dates read both as MM/DD/YYYY and as DD/MM/YYYY (row {row_nos[0]}: '{texts[0]}'); "
                         "write them as ISO dates (2001-03-04)")

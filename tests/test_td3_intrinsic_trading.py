@@ -269,6 +269,19 @@ def test_bad_csv_is_a_clear_error(tmp_path, mutate, words):
         tr.load_csv(path)
 
 
+def test_the_first_date_in_another_format_is_named_by_its_row(tmp_path):
+    rows = [[f"2001-{1 + i // 28:02d}-{1 + i % 28:02d}", 10 + i * 0.01, 5] for i in range(240)]
+    rows[150][0] = "06/15/2001"  # a date every row could be in, written another way
+    path = write_csv(tmp_path / "mixed.csv", ["Date", "Close", "Volume"], rows)
+    with pytest.raises(tr.UserError) as err:
+        tr.load_csv(path)
+    assert str(err.value) == ("row 152: date '06/15/2001' is not in the format of the rows before it (ISO "
+                              "(2024-01-31 or 2024-01-31T09:30)); use one")
+    (tmp_path / "blank.csv").write_text("\n \r\n\t\n")
+    with pytest.raises(tr.UserError, match=r"^--data-csv '.*blank\.csv' is empty$"):
+        tr.load_csv(str(tmp_path / "blank.csv"))
+
+
 def run_cli(capsys, *argv):
     """The command line in process (a subprocess costs seconds of imports): (exit code, stderr)."""
     saved, sys.argv = sys.argv, [SCRIPT, *argv]
@@ -300,7 +313,12 @@ def test_bad_inputs_from_the_command_line_are_one_line_exit_2(tmp_path, capsys):
                           (["--eval-only", "--checkpoint", "m.pt", "--save-model"], "which writes no model\n"),
                           (["--eval-split", "val"], "error: --eval-only needs --checkpoint"),
                           (["--initial-equity", "1e300"], "error: --initial-equity must be <= 1e12"),
-                          (["--cost-bp", "1e5"], "and --cost-bp < 10000 (100%), got 100000 and 100000\n")]:
+                          (["--cost-bp", "1e5"], "and --cost-bp < 10000 (100%), got 100000 and 100000\n"),
+                          (["--gamma", "1"], "error: --gamma must be in [0, 1) and --tau in (0, 1], got 1.0 and "
+                                             "0.005\n"),
+                          (["--no-paired", "--intrinsic-kind", "none"], "error: --no-paired trains only the "
+                           "intrinsic agent, so it needs --intrinsic-kind rnd or sa-rnd\n"),
+                          (["--market-steps", "199"], f"error: --market-steps must be >= {tr.MIN_ROWS}, got 199\n")]:
         code, err = run_cli(capsys, *argv, "--runs-dir", str(tmp_path / "runs"))
         assert code == 2 and err.count("\n") == 1 and (err == message or err.startswith(message)
                                                         or err.endswith(message)), (argv, err)
@@ -632,7 +650,8 @@ SHORT = ["--total-timesteps", "1500", "--learning-starts", "500", "--market-step
 
 
 def test_diverging_run_is_one_error_line_and_status_diverged(tmp_path, capsys):
-    code, err = run_cli(capsys, *SHORT, "--learning-rate", "1e6", "--runs-dir", str(tmp_path))
+    # --threads 1: the agents one after the other (with a thread each they would train side by side)
+    code, err = run_cli(capsys, *SHORT, "--learning-rate", "1e6", "--threads", "1", "--runs-dir", str(tmp_path))
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     [run_dir] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
