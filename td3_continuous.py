@@ -932,7 +932,7 @@ def eval_only(args: Args) -> dict:
     summary = {"env_id": saved.env_id, "checkpoint": args.checkpoint, "checkpoint_step": state["global_step"],
                "seed": saved.seed, "eval_episodes": saved.eval_episodes, "from_command_line": sorted(given),
                "eval_return_mean": result["mean"], "eval_return_std": result["std"], "eval_returns": result["returns"],
-               "value_bias": result["value_bias"], "run_dir": run_dir}
+               "value_bias": result["value_bias"], "run_dir": run_dir, "status": "completed", "exit_code": 0}
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     print(f"eval of {args.checkpoint} (step {state['global_step']}): {result['mean']:.1f} +- {result['std']:.1f} "
           f"over {saved.eval_episodes} episodes, seed {saved.seed} -> {run_dir}")
