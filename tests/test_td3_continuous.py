@@ -59,7 +59,7 @@ def run_cli(capsys, monkeypatch, *argv):
 @pytest.mark.parametrize("cuda, avx512_bf16, amx, default", [(False, False, False, False), (False, True, False, True),
                                                              (False, False, True, True), (True, True, True, False)])
 def test_bf16_is_the_default_only_on_cpus_with_bf16_matmuls(monkeypatch, cuda, avx512_bf16, amx, default):
-    """--bf16 learns as well as fp32 (docs/mujoco.md) but its update runs 7-13x slower on a CPU without AVX512-BF16
+    """--bf16 learns as well as fp32 (docs/mujoco.md) but its update runs 10-26x slower on a CPU without AVX512-BF16
     or AMX; with a CUDA device the update runs there, whatever the CPU: fp32 unless asked."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
