@@ -225,7 +225,8 @@ def market_features(close: np.ndarray, volume: np.ndarray, stationary: bool = Fa
 
 def split_bounds(n: int, train_frac: float, val_frac: float) -> dict:
     """Chronological [start, end) index ranges, never shuffled; none starts before the warm-up ends."""
-    train_end, val_end = max(int(n * train_frac), WARMUP), max(int(n * (train_frac + val_frac)), WARMUP)
+    floor = lambda x: max(int(x + 1e-9), WARMUP)  # noqa: E731 (1e-9: 1000 * (0.7 + 0.2) is 899.99999999)
+    train_end, val_end = floor(n * train_frac), floor(n * (train_frac + val_frac))
     return {"train": (WARMUP, train_end), "val": (train_end, val_end), "test": (val_end, n), "all": (WARMUP, n)}
 
 
@@ -239,8 +240,10 @@ class TradingEnv(gym.Env):
     """FORK: the environment. One asset, target-position actions, no look-ahead. At step t the agent
     observes C_t (and features up to t), chooses p_t in [-1, 1] (a fraction of equity) and earns over t -> t+1
 
-        reward = reward_scale * [p_t (C_{t+1}/C_t - 1) - cost |p_t - p_{t-1}| - lambda p_t^2 sigma_t^2]
+        reward = reward_scale * [p_t (C_{t+1}/C_t - 1) - cost |p_t - w_t| - lambda p_t^2 sigma_t^2]
 
+    w_t is the share of equity p_{t-1} has drifted to with the last move, p_{t-1} (1 + r_t) / (1 + p_{t-1} r_t):
+    holding 0.5 while the price rises is selling a little each step; holding 0 or 1 costs nothing.
     sigma_t is the 10-step realized volatility. The risk term makes the optimal position interior,
     p* = mu / (2 lambda sigma^2): with lambda = 10 the default market's regimes want about +0.6 (bull)
     and -0.2 (bear), so an actor pinned at +-1 is a symptom, not the optimum. Equity moves by the first
@@ -265,7 +268,7 @@ class TradingEnv(gym.Env):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (len(self.names),), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.t = self.t_end = start
-        self.position, self.equity, self.peak_equity = 0.0, initial_equity, initial_equity
+        self.position, self.weight, self.equity, self.peak_equity = 0.0, 0.0, initial_equity, initial_equity
 
     def _obs(self) -> np.ndarray:
         equity = self.equity / self.peak_equity - 1.0 if self.relative_equity else self.equity
@@ -283,18 +286,20 @@ class TradingEnv(gym.Env):
         else:
             self.t = int(self.np_random.integers(self.start, last_step - self.episode_length + 1))
             self.t_end = self.t + self.episode_length
-        self.position, self.equity, self.peak_equity = 0.0, self.initial_equity, self.initial_equity
+        self.position, self.weight, self.equity, self.peak_equity = 0.0, 0.0, self.initial_equity, self.initial_equity
         return self._obs(), {}
 
     def step(self, action):
         p = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
         asset_return = self.close[self.t + 1] / self.close[self.t] - 1.0
-        traded = abs(p - self.position)
+        traded = abs(p - self.weight)
         pnl = p * asset_return - self.cost * traded
         reward = self.reward_scale * (pnl - self.risk_penalty * p * p * self.sigma[self.t] ** 2)
         self.equity *= 1.0 + pnl
         self.peak_equity = max(self.peak_equity, self.equity)
         self.position = p
+        grown = 1.0 + p * asset_return  # the portfolio's growth before costs (costs are paid pro rata)
+        self.weight = p * (1.0 + asset_return) / grown if grown > 0 else 0.0
         self.t += 1
         terminated = self.equity <= 0.1 * self.initial_equity
         truncated = not terminated and self.t >= self.t_end
@@ -660,10 +665,10 @@ class TD3:
 
 
 # EVALUATION -------------------------------------------------------------------------------------
-def performance_metrics(step_returns: np.ndarray, positions: np.ndarray, periods_per_year: int) -> dict:
+def performance_metrics(step_returns: np.ndarray, traded: np.ndarray, periods_per_year: int) -> dict:
     """Return, risk and cost of one equity curve: Sharpe = sqrt(P) mean/std of step returns; Sortino uses the
     downside deviation sqrt(mean(min(r, 0)^2)); max drawdown = max_t 1 - equity_t / max_{s<=t} equity_s;
-    turnover = sum |p_t - p_{t-1}| (fractions of equity traded, entry from flat included)."""
+    turnover = sum of the fractions of equity traded (the env's |p_t - w_t|, entry from flat included)."""
     r = np.asarray(step_returns, dtype=np.float64)
     equity = np.concatenate([[1.0], np.cumprod(1.0 + r)])
     n, mean, std = len(r), float(r.mean()), float(r.std())
@@ -675,7 +680,7 @@ def performance_metrics(step_returns: np.ndarray, positions: np.ndarray, periods
             "sharpe": mean / std * math.sqrt(periods_per_year) if std > 0 else 0.0,
             "sortino": mean / downside * math.sqrt(periods_per_year) if downside > 0 else 0.0,
             "max_drawdown": float(np.max(1.0 - equity / np.maximum.accumulate(equity))),
-            "turnover": float(np.sum(np.abs(np.diff(np.concatenate([[0.0], positions]))))),
+            "turnover": float(np.sum(traded)),
             "steps": n}
 
 
@@ -689,17 +694,18 @@ def q1_mean(agent: TD3, observations: np.ndarray) -> float:
 def evaluate_split(agent: TD3, env: TradingEnv, periods_per_year: int) -> dict:
     """The deterministic policy over a whole split from flat; raw actor outputs kept for the audit."""
     obs, _ = env.reset(seed=0)
-    observations, actions, returns, positions, equity, done = [], [], [], [], [env.equity], False
+    observations, actions, returns, traded, positions, equity, done = [], [], [], [], [], [env.equity], False
     while not done:
         a = agent.policy_action(obs[None])[0]
         observations.append(obs)
         actions.append(float(a[0]))
         obs, _, terminated, truncated, info = env.step(a)  # the env clips to [-1, 1]
         returns.append(info["step_return"])
+        traded.append(info["traded"])
         positions.append(env.position)
         equity.append(env.equity)
         done = terminated or truncated
-    return {"metrics": performance_metrics(np.array(returns), np.array(positions), periods_per_year),
+    return {"metrics": performance_metrics(np.array(returns), np.array(traded), periods_per_year),
             "observations": np.asarray(observations), "actions": np.array(actions), "positions": np.array(positions),
             "equity": np.array(equity),
             "saturation": action_saturation_stats(actions)}
@@ -716,9 +722,11 @@ def benchmark_metrics(close: np.ndarray, realized_vol: np.ndarray, bounds: tuple
                  "vol_filter": (realized_vol[start: end - 1] < vol_threshold).astype(np.float64)}
     out = {"metrics": {}, "equity": {}}
     for name, positions in schedules.items():
-        # the agents' cost model: p_t earns C_{t+1}/C_t - 1 and pays cost * |p_t - p_{t-1}|, starting flat
-        returns = positions * asset - cost * np.abs(np.diff(np.concatenate([[0.0], positions])))
-        out["metrics"][name] = performance_metrics(returns, positions, periods_per_year)
+        # the agents' cost model: p_t earns C_{t+1}/C_t - 1 and pays cost * |p_t - w_t|, starting flat;
+        # a position of 0 or 1 does not drift (w_t = p_{t-1})
+        traded = np.abs(np.diff(np.concatenate([[0.0], positions])))
+        returns = positions * asset - cost * traded
+        out["metrics"][name] = performance_metrics(returns, traded, periods_per_year)
         out["equity"][name] = np.concatenate([[1.0], np.cumprod(1.0 + returns)])
     return out
 
@@ -829,6 +837,7 @@ NEAR_BOUND, COLLAPSE_RATIO = 0.999, 0.95  # |a| >= 0.999 a_max is "at the bound"
 SHIFT_CLIP_RATIO, SHIFT_NEAR_BOUND = 0.01, 0.5  # shift audit: a feature at the clip on >= 1%; the actor on >= 50%
 MIN_ROWS = 200  # a shorter file is refused at once; the splits' lengths are checked after (check_split_lengths)
 MISSING_VALUES = {"", "null"}  # what Yahoo-style exports write on holidays: the row is skipped
+MAX_VALUE = 1e18  # a larger close or volume is no price (its square overflows the networks' float32)
 MAX_STEP_MOVE, MIN_STEP_MOVE = 1.0, -0.9  # a one-step close move beyond +100% / -90% is likely a data error
 # usual stock split ratios (7: Apple 2014): without adjusted prices such a one-step move is named; not 3:2, whose
 # -33% a volatile stock's bad day can match
@@ -1078,8 +1087,8 @@ def check_split_lengths(data: MarketData, args: Args) -> None:
     need = max(args.episode_length // 2, 20)  # half a training episode, at least 20 steps
     for split in ("train", "val", "test"):
         lo, hi = data.splits[split]
-        if hi - lo < need:
-            raise UserError(f"the {split} split has {hi - lo} steps, under the {need} of half an episode "
+        if hi - lo - 1 < need:  # n rows, n - 1 steps
+            raise UserError(f"the {split} split has {hi - lo - 1} steps, under the {need} of half an episode "
                             f"(--episode-length {args.episode_length}): use more data, a shorter --episode-length "
                             "or other --train-frac/--val-frac")
 
@@ -1509,8 +1518,8 @@ def parse_number(cell: str, name: str, row_no: int, decimal_comma: bool) -> floa
         value = float(cell)
     except ValueError:
         raise UserError(f"row {row_no}: {name} '{cell}' is not a number") from None
-    if not math.isfinite(value):
-        raise UserError(f"row {row_no}: {name} is {cell}; every value must be a finite number")
+    if not math.isfinite(value) or abs(value) > MAX_VALUE:
+        raise UserError(f"row {row_no}: {name} is {cell}; every value must be a finite number up to {MAX_VALUE:g}")
     if name == "volume" and value < 0 or name != "volume" and value <= 0:
         raise UserError(f"row {row_no}: {name} {cell} must be {'>= 0' if name == 'volume' else 'positive'}")
     return value
@@ -1542,7 +1551,8 @@ def suspect_rows(dates: list, row_nos: list[int], close: np.ndarray, adjusted: b
     jumps = np.flatnonzero((ratio - 1 > MAX_STEP_MOVE) | (ratio - 1 < MIN_STEP_MOVE)) + 1
     if len(jumps):
         i, more = jumps[0], f" ({len(jumps) - 1} more such moves)" if len(jumps) > 1 else ""
-        return (f"row {row_nos[i]}: close {close[i]:g} is a one-step move of {ratio[i - 1] - 1:+.0%} from row "
+        move = f"{ratio[i - 1] - 1:+.0%}" if ratio[i - 1] < 1e3 else f"x{ratio[i - 1]:.3g}"
+        return (f"row {row_nos[i]}: close {close[i]:g} is a one-step move of {move} from row "
                 f"{row_nos[i - 1]} ({close[i - 1]:g}){more}")
     return None
 
@@ -1589,6 +1599,10 @@ def load_csv(path: str, accept_suspect_rows: bool = False) -> Market:
         found = [i for i, h in enumerate(header) if h in options]
         if not found and name == "date" and header[0] == "":  # pandas' to_csv writes its date index unnamed
             found = [0]
+        if len(found) > 1 and (name != "date" or len({header[i] for i in found}) < len(found)):  # not Date, Time
+            names = ", ".join(rows[0][i] for i in found)
+            raise UserError(f"--data-csv '{path}' has {len(found)} {name} columns ({names}): which one is meant is "
+                            "a guess; keep one")
         if found:
             col[name] = found[0]
         elif name != "adj close":

@@ -68,10 +68,12 @@ def test_rewards_cost_and_risk_by_hand_on_5_steps():
     expected = [
         # p=0.5: 0.5*0.02 - 0.001*0.5 - 10*0.25*0.01^2 = 0.01 - 0.0005 - 0.00025
         (0.5, 0.00925, 0.0095),
-        # p=-0.5: -0.5*(99/102 - 1) - 0.001*1.0 - 10*0.25*0.02^2 = 0.0147059 - 0.001 - 0.001
-        (-0.5, 0.5 * 3 / 102 - 0.002, 0.5 * 3 / 102 - 0.001),
-        # p=-0.5, flat price, no trade: only the risk term 10*0.25*0.01^2
-        (-0.5, -0.00025, 0.0),
+        # p=-0.5: 0.5 held drifted to 0.5*1.02/1.01 = 0.51/1.01 of equity; selling to -0.5 trades 0.5 + 0.51/1.01:
+        # -0.5*(99/102 - 1) - 0.001*(0.5 + 0.51/1.01) - 10*0.25*0.02^2
+        (-0.5, 0.5 * 3 / 102 - 0.001 * (0.5 + 0.51 / 1.01) - 0.001, 0.5 * 3 / 102 - 0.001 * (0.5 + 0.51 / 1.01)),
+        # p=-0.5 again: the short drifted to -0.5*(99/102)/(1 + 0.5*3/102) = -49.5/103.5; back to -0.5 trades
+        # 2.25/103.5; the flat price adds nothing; the risk term 10*0.25*0.01^2
+        (-0.5, -0.001 * 2.25 / 103.5 - 0.00025, -0.001 * 2.25 / 103.5),
         # p=1: 0.05 - 0.001*1.5 - 10*1*0.03^2 = 0.05 - 0.0015 - 0.009
         (1.0, 0.0395, 0.0485),
     ]
@@ -83,6 +85,22 @@ def test_rewards_cost_and_risk_by_hand_on_5_steps():
         assert info["step_return"] == pytest.approx(pnl, abs=1e-12)
         assert obs[position] == pytest.approx(p) and obs[equity_col] == pytest.approx(equity, rel=1e-6)
         assert not terminated and truncated == (i == 3)  # the split ends after 4 steps
+
+
+def test_a_held_fraction_drifts_with_the_price_and_keeping_it_is_a_trade():
+    close = np.array([100.0, 110.0, 99.0, 99.0])
+    env = tr.TradingEnv(close, zero_features(4), 0, 4, episode_length=None, cost=0.01, risk_penalty=0.0,
+                        reward_scale=1.0, initial_equity=1e5)
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(np.array([0.5], dtype=np.float32))
+    assert info["traded"] == 0.5  # from flat
+    # 50 of 100 in the asset grow to 55 of 105: a weight of 55/105; back to 0.5 sells 55/105 - 0.5 of equity
+    _, _, _, _, info = env.step(np.array([0.5], dtype=np.float32))
+    assert info["traded"] == pytest.approx(55 / 105 - 0.5)
+    assert info["step_return"] == pytest.approx(0.5 * (99 / 110 - 1) - 0.01 * (55 / 105 - 0.5))
+    # then the price falls 10%: 45 of 95 are in the asset; to 1.0 buys 1 - 45/95 of equity
+    _, _, _, _, info = env.step(np.array([1.0], dtype=np.float32))
+    assert info["traded"] == pytest.approx(1.0 - 45 / 95)
 
 
 def test_ruin_terminates():
@@ -260,6 +278,12 @@ def test_iso_dates(tmp_path):
     (lambda h, r: (h, r[:3] + [r[3][:4] + ["nan"] + r[3][5:]] + r[4:]), "row 5: close is nan"),
     (lambda h, r: (h, r[:50]), "50 data rows"),
     (lambda h, r: (h, r[:3] + [["31.02.2001 00:00:00.000"] + r[3][1:]] + r[4:]), "row 5: date"),
+    # a close beyond float32 (~3.4e38) passed as finite, then crashed the run's JSON with inf
+    (lambda h, r: (h, r[:3] + [r[3][:4] + ["1e39"] + r[3][5:]] + r[4:]), "row 5: close is 1e39; every value must "
+                                                                        "be a finite number up to 1e"),
+    (lambda h, r: (h + ["Close"], [row + ["x"] for row in r]), r"has 2 close columns \(Close, Close\)"),
+    (lambda h, r: (h[:5] + ["adj_close"] + h[5:], [row[:5] + [1] + row[5:] for row in r]),
+     r"has 2 adj close columns \(adj_close, Adj Close\)"),
 ])
 def test_bad_csv_is_a_clear_error(tmp_path, mutate, words):
     header = ["Time", "Open", "High", "Low", "Close", "Adj Close", "Volume"]
@@ -435,7 +459,7 @@ def test_implausible_one_step_moves_are_an_error_naming_the_rows_unless_accepted
     rows = iso_rows(250)
     rows[30][4] = 103.0e6  # a close 10^6 x its neighbours: up at file row 32, back down at row 33
     path = write_rows(tmp_path / "spike.csv", OHLCV, rows)
-    with pytest.raises(tr.UserError, match=r"^row 32: close 1.03e\+08 is a one-step move of \+100097082% from row 31 "
+    with pytest.raises(tr.UserError, match=r"^row 32: close 1.03e\+08 is a one-step move of x1e\+06 from row 31 "
                                            r"\(102.9\) \(1 more such moves\)"):  # 103e6 / 102.9 - 1
         tr.load_csv(path)
     assert tr.load_csv(path, accept_suspect_rows=True).close[30] == 103.0e6
@@ -894,7 +918,7 @@ def test_a_signal_at_the_last_step_s_evaluation_ends_training_as_it_stands(tmp_p
 # --- metrics --------------------------------------------------------------------------------------
 def test_performance_metrics_by_hand():
     r = np.array([0.1, -0.05, 0.02, -0.01])
-    m = tr.performance_metrics(r, np.array([1.0, 0.5, -0.5, -0.5]), 252)
+    m = tr.performance_metrics(r, np.array([1.0, 0.5, 1.0, 0.0]), 252)
     # mean 0.015; population std sqrt(0.0121/4) = 0.055; Sharpe sqrt(252)*0.015/0.055
     assert m["sharpe"] == pytest.approx(math.sqrt(252) * 0.015 / 0.055)
     assert m["sharpe"] == pytest.approx(4.32940, abs=1e-4)
@@ -904,7 +928,7 @@ def test_performance_metrics_by_hand():
     assert m["max_drawdown"] == pytest.approx(0.05)
     assert m["total_return"] == pytest.approx(0.055241)
     assert m["annualized_return"] == pytest.approx(1.055241 ** (252 / 4) - 1)
-    assert m["turnover"] == pytest.approx(2.5)  # 1 + 0.5 + 1 + 0
+    assert m["turnover"] == pytest.approx(2.5)  # the fractions of equity traded, summed
     assert m["volatility"] == pytest.approx(0.055 * math.sqrt(252))
     # four hourly crypto bars (8760 a year) that gain half each: 5.0625 ** 2190 is beyond a float, not a crash
     assert tr.performance_metrics(np.full(4, 0.5), np.ones(4), 8760)["annualized_return"] is None
@@ -1276,9 +1300,16 @@ def test_diagnosis_rules_on_crafted_numbers():
     assert still["code"] == "R4" and still["advice"].endswith("raise --intrinsic-coef above 0")  # w = 0: nothing else
 
 
+def test_split_bounds_floor_the_fractions_without_float_error():
+    # 0.7 + 0.2 is 0.8999999999999999 in floats: int(1000 * it) was 899, one row short of validation's 200
+    assert tr.split_bounds(1000, 0.7, 0.2) == {"train": (20, 700), "val": (700, 900), "test": (900, 1000),
+                                               "all": (20, 1000)}
+    assert tr.split_bounds(5031, 0.7, 0.15)["val"] == (3521, 4276)  # 3521.7 and 4276.35 still floor
+
+
 def test_a_split_too_short_for_training_is_one_user_error(tmp_path):
-    # 200 rows: train [20, 140) has 120 steps, fewer than half an episode, 256 / 2 = 128
-    with pytest.raises(tr.UserError, match="the train split has 120 steps, under the 128 of half an episode"):
+    # 200 rows: train [20, 140) has 120 rows, 119 steps, fewer than half an episode, 256 / 2 = 128
+    with pytest.raises(tr.UserError, match="the train split has 119 steps, under the 128 of half an episode"):
         tr.main(tr.Args(market_steps=200, runs_dir=str(tmp_path), cuda=False))
     assert not os.listdir(tmp_path)  # raised before the run folder exists
 
