@@ -62,10 +62,10 @@ class Args:
     threads: int = 0
     """torch intra-op threads (0 keeps torch's default, one per core)"""
     compile: bool = True
-    """torch.compile the two losses (a few seconds once, at the first updates; needs a C++ compiler on CPU)"""
+    """torch.compile the two losses (~30 s at the first updates on an empty inductor cache; needs a C++ compiler)"""
     bf16: bool = not torch.cuda.is_available() and (torch.cpu._is_avx512_bf16_supported()
                                                     or torch.cpu._is_amx_tile_supported())
-    """bfloat16 matmuls in the losses (autocast); default: on where the update runs on a CPU with AVX512-BF16/AMX"""
+    """bfloat16 matmuls in the losses (autocast); default: on on a CPU with AVX512-BF16/AMX and no CUDA device"""
     runs_dir: str = "runs"
     """root folder of the run folders"""
     save_model: bool = False
@@ -73,9 +73,9 @@ class Args:
     checkpoint_frequency: int = 0
     """write checkpoint.pt (model + replay buffer + RNG states) every N env steps; 0 disables"""
     resume: Optional[str] = None
-    """path of a checkpoint.pt: continue its run with its saved settings (but --threads, --cuda, --compile, --bf16)"""
+    """a checkpoint.pt: continue its run with its saved settings; --threads, --cuda, --compile, --bf16 as given"""
     eval_only: bool = False
-    """only evaluate the model in --checkpoint, with its settings (but --seed, --eval-episodes, --threads, --cuda)"""
+    """only evaluate the model in --checkpoint with its settings, but --seed, --eval-episodes and where it runs"""
     checkpoint: Optional[str] = None
     """model.pt or checkpoint.pt to evaluate with --eval-only"""
 
@@ -445,9 +445,9 @@ def main(args: Args) -> dict:
             run.stopped(stop.signum, agent, rb, envs, global_step)
         except Diverged as err:
             run.status, run.error = "diverged", str(err)
-    envs.close()
-    eval_env.close()
-    return run.finish(agent, global_step)
+        envs.close()
+        eval_env.close()
+        return run.finish(agent, global_step)  # a signal now waits for the files; a second one stops at once
 
 
 # ===== MACHINERY (skip on a first read): the audit, the run folder, checkpoints and resume, =========
@@ -462,6 +462,7 @@ VALUE_BIAS_TAIL = 0.01  # value_bias skips states whose unseen tail weight gamma
 DIVERGENCE_HINTS = {"learning_rate": 1e-3, "reward": 100.0, "observation": 100.0}
 EXIT_CODES = {"completed": 0, "diverged": 1}  # interrupted: 128 + the signal (130 SIGINT, 143 SIGTERM)
 CHECKPOINT_FORMAT = "td3_continuous/3"
+RUNTIME = ("threads", "cuda", "compile", "bf16")  # where and how fast a run runs: --resume takes them as given
 EVAL_CSV_FIELDS = ["global_step", "eval_return_mean", "eval_return_std", "value_bias", "wall_time_s"]
 
 
@@ -739,10 +740,11 @@ class RunFolder:
         self.checkpoint_step, self.clock = step, time.perf_counter()  # saving is not learning time
 
     def stopped(self, signum: Optional[int], agent: TD3, rb: ReplayBuffer, envs, step: int) -> None:
-        """The loop ended: completed, or interrupted by a signal (then a last checkpoint, if they are on)."""
+        """The loop ended: completed (a signal at the last step too), or interrupted (then a last checkpoint)."""
         self.check_finite(agent, rb, step)
-        self.status, self.signum = ("completed", None) if signum is None else ("interrupted", signum)
-        if signum is not None and self.args.checkpoint_frequency > 0:
+        done = signum is None or step >= self.args.total_timesteps
+        self.status, self.signum = ("completed", None) if done else ("interrupted", signum)
+        if self.signum is not None and self.args.checkpoint_frequency > 0:
             self.save_checkpoint(agent, rb, envs, step)
 
     def finish(self, agent: TD3, step: int) -> dict:
@@ -796,11 +798,7 @@ def replace_atomic(path: str, write) -> None:
 
 def write_json_atomic(path: str, obj) -> None:
     text = json.dumps(obj, indent=2, allow_nan=False)  # a NaN fails here, before any file is touched
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    replace_atomic(path, write)
+    replace_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def write_evaluations_csv(path: str, history: list[dict]) -> None:
@@ -855,7 +853,7 @@ def load_agent_state(agent: TD3, state: dict) -> None:
 def rng_state(envs) -> dict:
     """The run's CPU random states, as tensors and plain values (what torch.load(weights_only=True) reads)."""
     kind, keys, *rest = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+    return {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all(),
             "numpy": [kind, torch.as_tensor(keys.astype(np.int64)), *rest],
             "action_space": envs.action_space.np_random.bit_generator.state}
 
@@ -863,6 +861,8 @@ def rng_state(envs) -> dict:
 def set_rng_state(state: dict, envs) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():  # on a GPU the noise and the batches are drawn there
+        torch.cuda.set_rng_state_all(state.get("cuda", []))
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     envs.action_space.np_random.bit_generator.state = state["action_space"]
@@ -888,19 +888,19 @@ def load_torch_file(path: str, what: str) -> dict:
     return state
 
 
-def load_saved(args: Args, own: tuple = ("resume", "threads", "cuda", "compile")) -> tuple[Args, Optional[dict]]:
+def load_saved(args: Args, own: tuple = ("resume",)) -> tuple[Args, Optional[dict]]:
     """--resume or --eval-only: the checkpoint's settings and the checkpoint. `own` settings come from the command
-    line where given, --bf16 always (its default is this CPU's); any other given unlike the saved one is refused."""
+    line where given, RUNTIME ones always (their defaults are this machine's); any other given unlike it: refused."""
     path, flag = (args.checkpoint, "--eval-only") if args.eval_only else (args.resume, "--resume")
     state = load_torch_file(path, "--checkpoint" if args.eval_only else flag) if path else None
     if state is not None and not args.eval_only and "buffer" not in state:
         raise UserError(f"'{args.resume}' has no replay buffer: resume from a checkpoint.pt (--checkpoint-frequency N)")
     saved = state["args"] if state else args
     for (name, value), old in zip(dataclasses.asdict(args).items(), dataclasses.astuple(saved)):
-        if name not in (*own, "bf16") and value != getattr(Args(), name) and value != old:  # given, not saved
+        if name not in (*own, *RUNTIME) and value != getattr(Args(), name) and value != old:  # given, not saved
             raise UserError(f"--{name.replace('_', '-')} {value}: {flag} keeps the checkpoint's settings ({old})")
-    given = {k: vars(args)[k] for k in own if vars(args)[k] != getattr(Args, k)}
-    return dataclasses.replace(saved, bf16=args.bf16, **given), state
+    given = {k: v for k, v in vars(args).items() if k in RUNTIME or k in own and v != getattr(Args, k)}
+    return dataclasses.replace(saved, **given), state
 
 
 def start_or_resume(envs, agent: TD3, rb: ReplayBuffer, args: Args, checkpoint: Optional[dict]):
@@ -918,8 +918,7 @@ def start_or_resume(envs, agent: TD3, rb: ReplayBuffer, args: Args, checkpoint: 
 
 def eval_only(args: Args) -> dict:
     """--eval-only --checkpoint PATH: the evaluation protocol once, with the checkpoint's settings (load_saved)."""
-    saved, state = load_saved(args, ("eval_only", "checkpoint", "runs_dir", "seed", "eval_episodes", "threads",
-                                     "cuda", "compile"))
+    saved, state = load_saved(args, ("eval_only", "checkpoint", "runs_dir", "seed", "eval_episodes"))
     given = [k for k in ("seed", "eval_episodes") if getattr(args, k) != getattr(Args(), k)]
     device = setup_torch(saved)
     run_dir = os.path.join(args.runs_dir, f"{saved.env_id.replace(':', '_')}__{saved.exp_name}-eval__{saved.seed}__"

@@ -36,6 +36,7 @@ import json
 import math
 import multiprocessing
 import os
+import pathlib
 import pickle
 import queue
 import random
@@ -1381,11 +1382,7 @@ def replace_atomic(path: str, write) -> None:
 
 def write_json_atomic(path: str, obj) -> None:
     text = json.dumps(obj, indent=2, allow_nan=False)  # a NaN fails here, before any file is touched
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    replace_atomic(path, write)
+    replace_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def save_figure(fig, path: str) -> None:

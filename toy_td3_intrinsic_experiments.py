@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import os
+import pathlib
 import re
 import signal
 import sys
@@ -534,11 +535,7 @@ def replace_atomic(path: str, write) -> None:
 
 def write_json_atomic(path: str, obj) -> None:
     text = json.dumps(obj, indent=2, allow_nan=False)  # a NaN fails here, before any file is touched
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    replace_atomic(path, write)
+    replace_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def save_figure(fig, path: str) -> None:

@@ -573,8 +573,12 @@ def test_resume_keeps_the_saved_settings_but_takes_runtime_flags_from_the_comman
                                        cuda=False))
     assert (args.total_timesteps, args.batch_size, args.learning_starts, args.hidden_sizes) == (900, 32, 200, (64, 64))
     assert (args.threads, args.compile, args.cuda, args.resume) == (1, False, False, ckpt)
-    args, _ = td3.load_saved(td3.Args(resume=ckpt))  # no runtime flag given: the run's own
-    assert (args.threads, args.compile, args.cuda) == (0, True, False)  # as saved (compile: set above)
+    # the runtime flags are the command line's, its defaults too: --compile after a --no-compile run compiles
+    state["args"].update(compile=False, threads=1)
+    torch.save(state, ckpt)
+    assert td3.load_saved(td3.Args(resume=ckpt, compile=True))[0].compile is True
+    args, _ = td3.load_saved(td3.Args(resume=ckpt))
+    assert (args.threads, args.compile, args.cuda) == (0, True, True)
     # --bf16 follows the command line, by default this CPU's, whatever the checkpoint's machine ran (a bf16 run
     # resumed on a CPU without bf16 matmuls would crawl; --no-bf16 must not be dropped as "the default")
     here = td3.Args().bf16
@@ -586,6 +590,21 @@ def test_resume_keeps_the_saved_settings_but_takes_runtime_flags_from_the_comman
     monkeypatch.setattr(td3.shutil, "which", lambda name: None)
     resumed = td3.main(td3.Args(resume=ckpt, compile=False, cuda=False))
     assert resumed["status"] == "completed" and resumed["global_step"] == 900 and resumed["updates"] == 700
+
+
+def test_checkpoints_carry_the_cuda_generators(monkeypatch):
+    """On a GPU the exploration and smoothing noise and the batches come from the CUDA generators: a resumed run
+    must continue their streams, not restart them from --seed (no GPU here: the calls are stood in for)."""
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make("Pendulum-v1")])
+    cuda_states, restored = [torch.tensor([1, 2, 3], dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    state = td3.rng_state(envs)
+    assert state["cuda"] is cuda_states
+    td3.set_rng_state(state, envs)
+    assert restored == [cuda_states]
+    envs.close()
 
 
 @pytest.fixture(scope="module")
@@ -605,7 +624,7 @@ def test_eval_only_takes_seed_and_episodes_from_the_checkpoint_unless_given(save
     again = td3.main(td3.Args(eval_only=True, checkpoint=model, runs_dir=str(tmp_path), threads=threads))
     assert again["eval_return_mean"] == summary["eval_return_last"]  # the training run's own evaluation
     assert (again["seed"], again["eval_episodes"], again["from_command_line"]) == (2, 2, [])
-    assert (seen[-1].threads, seen[-1].cuda) == (threads, False)  # --threads as given; --cuda as saved (off)
+    assert (seen[-1].threads, seen[-1].cuda) == (threads, True)  # as given; --cuda's default (saved: off)
     assert read_json(os.path.join(again["run_dir"], "summary.json")) == again
     given = td3.main(td3.Args(eval_only=True, checkpoint=model, runs_dir=str(tmp_path), cuda=False, eval_episodes=3))
     assert (given["seed"], given["eval_episodes"], len(given["eval_returns"])) == (2, 3, 3)
@@ -803,6 +822,32 @@ def test_sigint_stops_at_a_step_boundary_and_resume_counts_every_step_once(tmp_p
     summary = resume_to_the_end_counting_every_step_once(ckpt, capsys, monkeypatch)
     assert summary["status"] == "completed" and summary["exit_code"] == 0
     assert not [f for f in files_under(run_dir) if f.endswith(".tmp")]
+
+
+def test_a_signal_at_the_last_step_or_while_the_files_are_written_still_completes_the_run(tmp_path, monkeypatch,
+                                                                                          capsys):
+    evaluate, write_json_atomic = td3.evaluate, td3.write_json_atomic
+
+    def evaluate_then_signal(agent, *args):  # Ctrl-C during the last evaluation: every step is done
+        result = evaluate(agent, *args)
+        if agent.n_updates == 600:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+    monkeypatch.setattr(td3, "evaluate", evaluate_then_signal)
+    last = td3.main(small_args(tmp_path / "last", checkpoint_frequency=500))
+    assert (last["status"], last["exit_code"], last["global_step"], "signal" in last) == ("completed", 0, 1000, False)
+    assert "done: 1000 steps" in capsys.readouterr().out
+    monkeypatch.setattr(td3, "evaluate", evaluate)
+
+    def signal_then_write(path, obj):  # Ctrl-C while summary.json is written (it was the default handler's)
+        if os.path.basename(path) == "summary.json":
+            os.kill(os.getpid(), signal.SIGINT)
+        write_json_atomic(path, obj)
+    monkeypatch.setattr(td3, "write_json_atomic", signal_then_write)
+    writing = td3.main(small_args(tmp_path / "writing"))
+    assert (writing["status"], writing["exit_code"]) == ("completed", 0)
+    assert read_json(os.path.join(writing["run_dir"], "summary.json")) == writing
+    assert not [f for f in files_under(str(tmp_path)) if f.endswith(".tmp")]
 
 
 def test_sigterm_without_checkpoints_exits_143_with_a_summary(tmp_path):
