@@ -237,14 +237,21 @@ def observation_names(features: dict, relative_equity: bool) -> list[str]:
     return [*features, "position", "equity_drawdown" if relative_equity else "equity"]
 
 
+def drifted(position, asset_return):
+    """The share of equity a position (a share of equity) has become after the asset moved by asset_return, costs
+    paid pro rata: keeping the position trades the difference. 0 and 1 do not drift. (A move that leaves no
+    equity, 1 + position * asset_return <= 0, ends the episode first: ruin.)"""
+    return position * (1.0 + asset_return) / (1.0 + position * asset_return)
+
+
 class TradingEnv(gym.Env):
     """FORK: the environment. One asset, target-position actions, no look-ahead. At step t the agent
     observes C_t (and features up to t), chooses p_t in [-1, 1] (a fraction of equity) and earns over t -> t+1
 
         reward = reward_scale * [p_t (C_{t+1}/C_t - 1) - cost |p_t - w_t| - lambda p_t^2 sigma_t^2]
 
-    w_t is the share of equity p_{t-1} has drifted to with the last move, p_{t-1} (1 + r_t) / (1 + p_{t-1} r_t):
-    holding 0.5 while the price rises is selling a little each step; holding 0 or 1 costs nothing.
+    w_t = drifted(p_{t-1}, C_t/C_{t-1} - 1) is what p_{t-1} has become with the last move: holding 0.5 while the
+    price rises is selling a little each step; holding 0 or 1 costs nothing.
     sigma_t is the 10-step realized volatility. The risk term makes the optimal position interior,
     p* = mu / (2 lambda sigma^2): with lambda = 10 the default market's regimes want about +0.6 (bull)
     and -0.2 (bear), so an actor pinned at +-1 is a symptom, not the optimum. Equity moves by the first
@@ -269,7 +276,7 @@ class TradingEnv(gym.Env):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (len(self.names),), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.t = self.t_end = start
-        self.position, self.weight, self.equity, self.peak_equity = 0.0, 0.0, initial_equity, initial_equity
+        self.position, self.equity, self.peak_equity = 0.0, initial_equity, initial_equity
 
     def _obs(self) -> np.ndarray:
         equity = self.equity / self.peak_equity - 1.0 if self.relative_equity else self.equity
@@ -287,20 +294,19 @@ class TradingEnv(gym.Env):
         else:
             self.t = int(self.np_random.integers(self.start, last_step - self.episode_length + 1))
             self.t_end = self.t + self.episode_length
-        self.position, self.weight, self.equity, self.peak_equity = 0.0, 0.0, self.initial_equity, self.initial_equity
+        self.position, self.equity, self.peak_equity = 0.0, self.initial_equity, self.initial_equity
         return self._obs(), {}
 
     def step(self, action):
         p = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
         asset_return = self.close[self.t + 1] / self.close[self.t] - 1.0
-        traded = abs(p - self.weight)
+        held = drifted(self.position, self.close[self.t] / self.close[self.t - 1] - 1.0)  # w_t (from flat: 0)
+        traded = abs(p - held)
         pnl = p * asset_return - self.cost * traded
         reward = self.reward_scale * (pnl - self.risk_penalty * p * p * self.sigma[self.t] ** 2)
         self.equity *= 1.0 + pnl
         self.peak_equity = max(self.peak_equity, self.equity)
         self.position = p
-        grown = 1.0 + p * asset_return  # the portfolio's growth before costs (costs are paid pro rata)
-        self.weight = p * (1.0 + asset_return) / grown if grown > 0 else 0.0
         self.t += 1
         terminated = self.equity <= 0.1 * self.initial_equity
         truncated = not terminated and self.t >= self.t_end
@@ -723,9 +729,8 @@ def benchmark_metrics(close: np.ndarray, realized_vol: np.ndarray, bounds: tuple
                  "vol_filter": (realized_vol[start: end - 1] < vol_threshold).astype(np.float64)}
     out = {"metrics": {}, "equity": {}}
     for name, positions in schedules.items():
-        # the agents' cost model: p_t earns C_{t+1}/C_t - 1 and pays cost * |p_t - w_t|, starting flat;
-        # a position of 0 or 1 does not drift (w_t = p_{t-1})
-        traded = np.abs(np.diff(np.concatenate([[0.0], positions])))
+        # the agents' cost model: p_t earns C_{t+1}/C_t - 1 and pays cost * |p_t - w_t|, starting flat
+        traded = np.abs(positions - np.concatenate([[0.0], drifted(positions[:-1], asset[:-1])]))
         returns = positions * asset - cost * traded
         out["metrics"][name] = performance_metrics(returns, traded, periods_per_year)
         out["equity"][name] = np.concatenate([[1.0], np.cumprod(1.0 + returns)])
