@@ -93,8 +93,8 @@ class Args:
     data_csv: Optional[str] = None
     """price CSV or .csv.gz (a date column or Date and Time, Close, [Adj Close], Volume); default: synthetic"""
     accept_suspect_rows: bool = False
-    """--data-csv: keep repeated timestamps, split-ratio moves of unadjusted prices and one-step moves beyond
-    +100%/-90% (stopped as likely errors)"""
+    """--data-csv: keep repeated timestamps, gaps of over a month, split-ratio moves of unadjusted prices and
+    one-step moves beyond +100%/-90% (stopped as likely errors)"""
     market_seed: int = 0
     """seed of the synthetic two-regime market (independent of --seed: every seed sees one market)"""
     market_steps: int = 10000
@@ -849,6 +849,7 @@ MAX_STEP_MOVE, MIN_STEP_MOVE = 1.0, -0.9  # a one-step close move beyond +100% /
 # -33% a volatile stock's bad day can match
 SPLIT_RATIOS = (2, 3, 4, 5, 7, 10)
 SPLIT_TOLERANCE = math.log(1.15)  # a split day's own move is within +-15%
+MAX_GAP_DAYS, MAX_GAP_RATIO = 31.0, 10.0  # a gap beyond both (a month; 10 median gaps) is likely rows missing
 # Above these, the divergence message names the learning rate or the reward as the likely cause
 # (else it lists every cause): this script's scales are lr ~ 3e-5 and |r_tot| ~ 1-10.
 DIVERGENCE_HINTS = {"learning_rate": 1e-3, "reward": 100.0}
@@ -1528,7 +1529,8 @@ def parse_number(cell: str, name: str, row_no: int, decimal_comma: bool) -> floa
 
 
 def suspect_rows(dates: list, row_nos: list[int], close: np.ndarray, adjusted: bool) -> Optional[str]:
-    """The first likely error of a date-sorted file, or None: a repeated timestamp; without adjusted prices,
+    """The first likely error of a date-sorted file, or None: a repeated timestamp; a gap of over a month and
+    10 median gaps (rows missing: the move across it would be one bar); without adjusted prices,
     a one-step move by a split ratio (x1/2, 1/3, 1/4, 1/5, 1/7, 1/10 or the reverse, within 15%) that the next
     closes keep (a crash that rebounds is not a split); a one-step move beyond +100% / -90% -- a typo, a
     lost decimal point."""
@@ -1536,6 +1538,14 @@ def suspect_rows(dates: list, row_nos: list[int], close: np.ndarray, adjusted: b
     if repeated:
         i, more = repeated[0], f" ({len(repeated) - 1} more repeated rows)" if len(repeated) > 1 else ""
         return f"row {row_nos[i]}: timestamp {dates[i].isoformat()} repeats row {row_nos[i - 1]}{more}"
+    gaps = np.diff([(d - dates[0]).total_seconds() / 86400 for d in dates])  # in days
+    median = float(np.median(gaps))
+    holes = np.flatnonzero(gaps > max(MAX_GAP_DAYS, MAX_GAP_RATIO * median)) + 1
+    if len(holes):
+        i, more = holes[0], f" ({len(holes) - 1} more such gaps)" if len(holes) > 1 else ""
+        return (f"row {row_nos[i]}: timestamp {dates[i].isoformat()} is {gaps[i - 1]:.0f} days after row "
+                f"{row_nos[i - 1]}'s (bars are a median {median:.3g} day{'s' * (median != 1)} apart): rows "
+                f"missing? the move across the gap would be one bar{more}")
     ratio = close[1:] / close[:-1]
     factors = np.array([1 / k for k in SPLIT_RATIOS] + list(SPLIT_RATIOS))
     nearest = factors[np.argmin(np.abs(np.log(ratio)[:, None] - np.log(factors)), axis=1)]  # per step

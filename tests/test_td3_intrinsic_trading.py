@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import datetime
 import functools
 import gzip
 import io
@@ -583,7 +584,7 @@ def daily_rows(keep, years=2):
     (lambda: daily_rows(lambda d: d.day == 1, years=20), 12),  # monthly
 ])
 def test_periods_per_year_from_the_timestamps_sets_sharpe(tmp_path, rows, periods):
-    m = tr.load_csv(write_rows(tmp_path / "f.csv", ["Date", "Close", "Volume"], rows()))
+    m = tr.load_csv(write_rows(tmp_path / "f.csv", ["Date", "Close", "Volume"], rows()), accept_suspect_rows=True)
     assert m.periods_per_year == periods
     data = tr.prepare_data(tr.Args(), m, "f")
     assert data.periods_per_year == periods and data.frequency == m.frequency
@@ -592,6 +593,27 @@ def test_periods_per_year_from_the_timestamps_sets_sharpe(tmp_path, rows, period
     r = m.close[lo + 1:hi] / m.close[lo:hi - 1] - 1  # buy-and-hold's step returns, cost 0
     assert b["metrics"]["buy_and_hold"]["sharpe"] == pytest.approx(math.sqrt(periods) * r.mean() / r.std())
     assert tr.prepare_data(tr.Args(periods_per_year=12), m, "f").periods_per_year == 12  # the flag wins
+
+
+def test_a_gap_of_over_a_month_and_10_bars_is_an_error_naming_the_rows_unless_accepted(tmp_path):
+    header = ["Date", "Close", "Volume"]
+    outage = daily_rows(lambda d: not (d.year == 2001 and 3 <= d.month <= 5))  # 2001-03-01 .. 2001-05-31 missing
+    path = write_rows(tmp_path / "gap.csv", header, outage)
+    # 2001-02-28 is the 59th day, file row 60 (the header is row 1); 2001-06-01 comes 93 days after it
+    with pytest.raises(tr.UserError, match=r"^row 61: timestamp 2001-06-01T00:00:00 is 93 days after row 60's "
+                                           r"\(bars are a median 1 day apart\): rows missing\? .*accept-suspect"):
+        tr.load_csv(path)
+    assert len(tr.load_csv(path, accept_suspect_rows=True).close) == len(outage)
+    # the month bound: March missing but for the 31st is a gap of 31 days (kept), one more day is 32 (named)
+    tr.load_csv(write_rows(tmp_path / "31.csv", header, daily_rows(lambda d: not (d.month == 3 and d.day < 31))))
+    with pytest.raises(tr.UserError, match="row 61: timestamp 2001-04-01T00:00:00 is 32 days after row 60's"):
+        tr.load_csv(write_rows(tmp_path / "32.csv", header, daily_rows(lambda d: d.month != 3)))
+    # the 10-bar bound: weekly bars (median 7 days) keep a 63-day gap and name a 77-day one
+    weekly = lambda hole: daily_rows(lambda d: d.weekday() == 0 and not 0 < (d - datetime.date(2002, 1, 7)).days < hole,
+                                     years=6)  # noqa: E731
+    tr.load_csv(write_rows(tmp_path / "w63.csv", header, weekly(63)))
+    with pytest.raises(tr.UserError, match=r"is 77 days after .* \(bars are a median 7 days apart\)"):
+        tr.load_csv(write_rows(tmp_path / "w77.csv", header, weekly(77)))
 
 
 def test_no_split_starts_inside_the_warm_up():
