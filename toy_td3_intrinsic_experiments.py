@@ -19,6 +19,7 @@ Runs in well under 60 s on a 2-core CPU.
 """
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -406,7 +407,9 @@ def plot_actor_freeze(result: dict, path: str) -> None:
     ax.set_xlim(left=0)  # no margin of negative steps
     ax.set_xlabel("actor gradient steps")
     ax.set_ylabel(f"share of actions with |a| ≥ {NEAR_BOUND} a_max")
-    ax.set_title("C1. an actor collapsed at the bound: stuck unless inputs are normalized")
+    fr = result["freeze"]  # the title says what these runs did
+    ax.set_title(f"C1. actor at the bound: raw states {left_bound(fr['no_norm']['steps_to_leave_bound'])}, "
+                 f"z-scored {left_bound(fr['norm']['steps_to_leave_bound'])}", fontsize=10)
     ax.set_ylim(-0.05, 1.05)
     ax.legend()
     ax = axes[1]
@@ -422,10 +425,16 @@ def plot_actor_freeze(result: dict, path: str) -> None:
     ax.axhline(-0.5, color="grey", lw=0.8)
     ax.set_xlabel("actor gradient steps")
     ax.set_ylabel("mean action a / a_max")
-    ax.set_title(f"C2. trained action: flips only for w > λ* = {result['flip']['lambda_star']:.3g}")
+    flipped = [label for label, run in result["flip"]["runs"].items() if run["flipped"]] or ["none"]
+    ax.set_title(f"C2. trained action, λ* = {result['flip']['lambda_star']:.3g}: flipped {', '.join(flipped)}",
+                 fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def left_bound(steps: Optional[int]) -> str:
+    return "did not leave" if steps is None else f"left after {steps} steps"
 
 
 # RUN: A, B and C, their figures and toy_metrics.json -------------------------------------------
@@ -441,12 +450,10 @@ def print_summary(metrics: dict) -> None:
         print(f"   {r:7.2f} {nn_['kappa_mean'][i]:9.4f} {ex['kappa_mean'][i]:8.4f} {nn_['transport'][i]:10.4f} "
               f"{ex['transport'][i]:8.4f} {nn_['saturation_rate'][i]:7.3f} {no['kappa_mean'][i]:10.4f} "
               f"{no['transport'][i]:12.4f}")
-    fr = af["freeze"]
-    fmt = lambda s: "did not leave" if s is None else f"left after {s} steps"
-    print(f"C1 actor at the bound, ratio {fr['ratio']:g}: raw states {fmt(fr['no_norm']['steps_to_leave_bound'])} "
-          f"(initial E[κ] {fr['no_norm']['initial_kappa_mean']:.1e}); "
-          f"z-scored {fmt(fr['norm']['steps_to_leave_bound'])} "
-          f"(initial E[κ] {fr['norm']['initial_kappa_mean']:.1e}) within {fr['train_steps']} steps")
+    fr, raw, z = af["freeze"], af["freeze"]["no_norm"], af["freeze"]["norm"]
+    print(f"C1 actor at the bound, ratio {fr['ratio']:g}: raw states {left_bound(raw['steps_to_leave_bound'])} "
+          f"(initial E[κ] {raw['initial_kappa_mean']:.1e}); z-scored {left_bound(z['steps_to_leave_bound'])} "
+          f"(initial E[κ] {z['initial_kappa_mean']:.1e}) within {fr['train_steps']} steps")
     runs = af["flip"]["runs"]
     print("C2 trained action mean: " + ", ".join(
         f"{k} {v['final_action_mean']:+.3f}{' (flipped)' if v['flipped'] else ''}" for k, v in runs.items()))
@@ -457,11 +464,8 @@ def main(args: Args) -> dict:
     validate_args(args)
     start = time.time()
     rng = np.random.default_rng(args.seed)
-    fig_dir = os.path.join(args.out_dir, "figures")
-    try:
-        os.makedirs(fig_dir, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot make '{fig_dir}' under --out-dir: {err}") from None
+    fig_dir, metrics_path = os.path.join(args.out_dir, "figures"), os.path.join(args.out_dir, "toy_metrics.json")
+    prepare_out_dir(fig_dir, metrics_path)
 
     action_gap = experiment_action_gap(args, rng)
     plot_action_gap(action_gap, os.path.join(fig_dir, "fig_action_gap_phase.png"))
@@ -473,7 +477,6 @@ def main(args: Args) -> dict:
     metrics = {"seed": args.seed, "num_samples": args.num_samples,
                "action_gap": strip_private(action_gap), "gate_scale": gate_scale, "actor_freeze": actor_freeze,
                "wall_time_s": round(time.time() - start, 2)}
-    metrics_path = os.path.join(args.out_dir, "toy_metrics.json")
     write_json_atomic(metrics_path, metrics)
     print_summary(metrics)
     print(f"wrote {fig_dir}/fig_*.png and {metrics_path} in {metrics['wall_time_s']} s")
@@ -486,8 +489,8 @@ class UserError(Exception):
 
 
 def validate_args(args: Args) -> None:
-    if args.num_samples < 1000:
-        raise UserError(f"--num-samples must be >= 1000, got {args.num_samples}")
+    if not 1000 <= args.num_samples <= 10 ** 7:  # 10^7: B's arrays take about 0.5 GB
+        raise UserError(f"--num-samples must be in [1000, 10**7], got {args.num_samples}")
     if not 1e-6 <= args.m < SUP_DELTA / 4:  # below 1e-6 the gap drowns in float rounding
         raise UserError(f"--m must be in [1e-6, {SUP_DELTA / 4}) so the phase map (w up to 0.5) shows the boundary, "
                         f"got {args.m}")
@@ -499,6 +502,23 @@ def validate_args(args: Args) -> None:
         raise UserError(f"--train-steps must be >= 1, got {args.train_steps}")
     if not 1.0 <= args.freeze_ratio <= 1e30:  # float32 states overflow to inf a few decades above
         raise UserError(f"--freeze-ratio must be in [1, 1e30], got {args.freeze_ratio}")
+
+
+def prepare_out_dir(fig_dir: str, metrics_path: str) -> None:
+    """Make the folders and check the outputs can be written, before minutes of work; remove an earlier run's
+    toy_metrics.json, which marks a completed run: a stopped run would leave it beside newer figures."""
+    try:
+        os.makedirs(fig_dir, exist_ok=True)
+        for folder in (fig_dir, os.path.dirname(metrics_path) or "."):
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(f"'{folder}' is not writable")
+        taken = [path for path in glob.glob(os.path.join(fig_dir, "fig_*.png")) + [metrics_path] if os.path.isdir(path)]
+        if taken:
+            raise IsADirectoryError(f"'{taken[0]}' is a folder")
+        if os.path.lexists(metrics_path):
+            os.remove(metrics_path)
+    except OSError as err:
+        raise UserError(f"cannot write under --out-dir: {err}") from None
 
 
 def parse_cli(args_type, argv: Optional[list[str]] = None):
