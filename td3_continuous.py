@@ -895,11 +895,11 @@ def load_saved(args: Args, own: tuple = ("resume",)) -> tuple[Args, Optional[dic
     state = load_torch_file(path, "--checkpoint" if args.eval_only else flag) if path else None
     if state is not None and not args.eval_only and "buffer" not in state:
         raise UserError(f"'{args.resume}' has no replay buffer: resume from a checkpoint.pt (--checkpoint-frequency N)")
-    saved = state["args"] if state else args
+    saved, default = state["args"] if state else args, type(args)()  # a subclass's own defaults: bf16_rounding.py
     for (name, value), old in zip(dataclasses.asdict(args).items(), dataclasses.astuple(saved)):
-        if name not in (*own, *RUNTIME) and value != getattr(Args(), name) and value != old:  # given, not saved
+        if name not in (*own, *RUNTIME) and value != getattr(default, name) and value != old:  # given, not saved
             raise UserError(f"--{name.replace('_', '-')} {value}: {flag} keeps the checkpoint's settings ({old})")
-    given = {k: v for k, v in vars(args).items() if k in RUNTIME or k in own and v != getattr(Args, k)}
+    given = {k: v for k, v in vars(args).items() if k in RUNTIME or k in own and v != getattr(default, k)}
     return dataclasses.replace(saved, **given), state
 
 
@@ -919,7 +919,7 @@ def start_or_resume(envs, agent: TD3, rb: ReplayBuffer, args: Args, checkpoint: 
 def eval_only(args: Args) -> dict:
     """--eval-only --checkpoint PATH: the evaluation protocol once, with the checkpoint's settings (load_saved)."""
     saved, state = load_saved(args, ("eval_only", "checkpoint", "runs_dir", "seed", "eval_episodes"))
-    given = [k for k in ("seed", "eval_episodes") if getattr(args, k) != getattr(Args(), k)]
+    given = [k for k in ("seed", "eval_episodes") if getattr(args, k) != getattr(type(args)(), k)]
     device = setup_torch(saved)
     run_dir = os.path.join(args.runs_dir, f"{saved.env_id.replace(':', '_')}__{saved.exp_name}-eval__{saved.seed}__"
                                           f"{int(time.time())}")

@@ -1,6 +1,9 @@
 """bf16_rounding.py computes `--bf16`'s rounding in float32: checked against autocast's real bfloat16."""
 
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +38,7 @@ def test_a_td3_update_with_the_rounding_is_the_bf16_update(monkeypatch):
     torch.manual_seed(0)
     obs, actions = torch.randn(32, 3), torch.rand(32, 1) * 4 - 2
     rewards, terminations, next_obs = torch.randn(32), torch.zeros(32), torch.randn(32, 3)
-    noise = torch.zeros(32, 1)
+    noise = (torch.randn(32, 1) * 0.4).clamp(-1.0, 1.0)  # smoothing noise, added to the target actor's tanh
 
     def gradients(bf16: bool, compile: bool = False) -> tuple[np.ndarray, np.ndarray]:
         torch.manual_seed(1)
@@ -51,12 +54,26 @@ def test_a_td3_update_with_the_rounding_is_the_bf16_update(monkeypatch):
     monkeypatch.setattr(torch, "tanh", torch.tanh)
     monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", False)
     bf16_rounding.round_as_bf16()
-    for rounded in (gradients(True), gradients(True, compile=True)):
-        assert np.array_equal(rounded[0], real[0])  # the critic's: bit for bit
+    for compiled, rounded in ((False, gradients(True)), (True, gradients(True, compile=True))):
+        # the critic's: bit for bit eager; compiled, fp32's summation order moves a last bit here and there. Without
+        # the rounded tanh (the noise is added to its output) 17% differ, by 6% of fp32's gap
+        assert np.mean(rounded[0] == real[0]) > 0.99 if compiled else np.array_equal(rounded[0], real[0])
+        assert np.abs(rounded[0] - real[0]).mean() < 1e-4 * np.abs(fp32[0] - real[0]).mean()
         assert np.mean(rounded[1] == real[1]) > 0.85  # the actor's: mostly bit for bit (tanh's backward aside)
         assert np.abs(rounded[1] - real[1]).mean() < 0.1 * np.abs(fp32[1] - real[1]).mean()
     for part in range(2):  # fp32 lands on almost none of those values (a dead ReLU's 0 aside)
         moved = real[part] != 0
         assert np.mean(fp32[part][moved] == real[part][moved]) < 0.05
-    monkeypatch.undo()
+    # outside autocast (--no-bf16) the replaced F.linear is fp32, bit for bit
     assert all(np.array_equal(a, b) for a, b in zip(gradients(False), fp32))
+
+
+def test_resume_keeps_the_checkpoints_exp_name_unless_another_is_given(tmp_path):
+    """This script's own --exp-name default is not a flag the user gave: --resume keeps the checkpoint's."""
+    path = str(tmp_path / "checkpoint.pt")
+    saved = td3.Args(exp_name="td3_paper_bf16r", seed=3, bf16=False)
+    torch.save({"format": td3.CHECKPOINT_FORMAT, "args": dataclasses.asdict(saved), "buffer": {}}, path)
+    args, _ = td3.load_saved(bf16_rounding.Args(resume=path))
+    assert (args.exp_name, args.seed, args.bf16) == ("td3_paper_bf16r", 3, True)  # --bf16: this script's default
+    with pytest.raises(td3.UserError, match=r"^--exp-name other: --resume keeps the checkpoint's settings"):
+        td3.load_saved(bf16_rounding.Args(resume=path, exp_name="other"))
