@@ -1,7 +1,8 @@
 """Aggregate learning curves of td3_continuous.py runs against the TD3 paper's published curves.
 
 Reads evaluations.csv and summary.json of each run folder given, groups the runs by
-environment and experiment name (the run folder is {env_id}__{exp_name}__{seed}__{time}), and
+environment and experiment name (summary.json's; older runs': the run folder's middle, as in
+{env_id}__{exp_name}__{seed}__{time}; a renamed folder is an experiment of its own), and
 writes one figure per environment: every seed's eval return, their mean, and the published
 mean +- std band of the authors' 10 seeds. Prints a table of the last common evaluation step:
 each seed, the mean, the published mean and std there, and whether the mean is within one
@@ -16,13 +17,17 @@ Writes:  figures/learning_curves_{env_id}.png (--out-dir)
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
+import re
 import sys
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Optional
 
 import matplotlib
 
@@ -73,25 +78,37 @@ class Args:
 
 
 class UserError(Exception):
-    """A mistake in the arguments: reported as one line, exit code 2."""
+    """A mistake in the command line or inputs: reported as one line on stderr, exit code 2."""
 
 
 def read_run(run_dir: str) -> dict:
-    """One run: env id, experiment name, seed, and its evaluations as arrays."""
+    """One run: env id, experiment name, seed, and its evaluations as arrays. The experiment name is in
+    summary.json; in older runs' only in the folder name {env_id}__{exp_name}__{seed}__{time} (a renamed folder is
+    an experiment of its own: runs are never averaged on a guess)."""
     csv_path, summary_path = os.path.join(run_dir, "evaluations.csv"), os.path.join(run_dir, "summary.json")
     if not (os.path.isfile(csv_path) and os.path.isfile(summary_path)):
         raise UserError(f"'{run_dir}' is not a td3_continuous.py run folder (needs evaluations.csv and summary.json)")
-    with open(summary_path) as f:
-        summary = json.load(f)
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    folder = os.path.basename(os.path.normpath(run_dir))
+    parts = folder.split("__")
+    try:
+        with open(summary_path) as f:
+            summary = json.load(f)
+        run = {"dir": run_dir, "env_id": summary["env_id"], "seed": summary["seed"],
+               "exp_name": summary.get("exp_name", "__".join(parts[1:-2]) if len(parts) >= 4 else folder),
+               "bf16": summary.get("bf16")}  # None: written before summary.json said
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        cut = [i + 2 for i, row in enumerate(rows) if None in row.values() or None in row]  # + 2: the file's line
+        if cut:
+            raise ValueError(f"line {cut[0]} has another number of fields than the header")
+        run["steps"] = np.array([int(row["global_step"]) for row in rows])
+        run["returns"] = np.array([float(row["eval_return_mean"]) for row in rows])
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged file; json's errors are ValueErrors
+        raise UserError(f"'{run_dir}': cannot read its summary.json or evaluations.csv ({type(err).__name__}: "
+                        f"{err})") from None
     if not rows:
         raise UserError(f"'{csv_path}' has no evaluation yet")
-    parts = os.path.basename(os.path.normpath(run_dir)).split("__")
-    return {"dir": run_dir, "env_id": summary["env_id"], "exp_name": parts[1] if len(parts) == 4 else "?",
-            "seed": summary["seed"], "bf16": summary.get("bf16"),  # None: written before summary.json said
-            "steps": np.array([int(r["global_step"]) for r in rows]),
-            "returns": np.array([float(r["eval_return_mean"]) for r in rows])}
+    return run
 
 
 def check_runs(env_id: str, exp_name: str, runs: list[dict]) -> None:
@@ -183,11 +200,15 @@ def main(args: Args) -> list[dict]:
     for env_id, groups in by_env.items():  # before any figure is written
         for exp_name, runs in groups.items():
             check_runs(env_id, exp_name, runs)
-    os.makedirs(args.out_dir, exist_ok=True)
     table = []
     for env_id, groups in sorted(by_env.items()):
         published = published_curve(env_id)
-        plot_env(env_id, groups, published, os.path.join(args.out_dir, f"learning_curves_{env_id}.png"))
+        path = os.path.join(args.out_dir, f"learning_curves_{env_id}.png")
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+            plot_env(env_id, groups, published, path)
+        except OSError as err:
+            raise UserError(f"cannot write '{path}' (--out-dir): {err}") from None
         for exp_name, runs in sorted(groups.items()):
             runs.sort(key=lambda run: run["seed"])
             table.append({"env_id": env_id, "exp_name": exp_name, **compare(runs, published, env_id)})
@@ -205,9 +226,28 @@ def main(args: Args) -> list[dict]:
     return table
 
 
+def parse_cli(args_type, argv: Optional[list[str]] = None):
+    """tyro.cli, but a parse error becomes one line on stderr and exit code 2."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(args_type, args=argv)
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            raise
+        # tyro's box (rules of ─, or - where stdout is not UTF-8): title, text to the next rule, guesses for a typo
+        lines = [re.sub(r"[╭╮╰╯│]", "", line).strip() for line in captured.getvalue().splitlines()] or [""]
+        parts = "\n".join("\0" if line and not line.strip("─-") else line for line in lines[1:]).split("\0")
+        title, (body, *more) = lines[0].strip("─ "), [" ".join(s.split()) for s in parts if s.strip()] or [""]
+        guesses = [flag.rstrip(",") for s in more if s.startswith("Perhaps") for flag in s.split() if flag[:2] == "--"]
+        hint = f" (did you mean {' or '.join(dict.fromkeys(guesses))}?)" if guesses else ""
+        print(f"error: {body if body.startswith(title) else f'{title}: {body}'}{hint} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(parse_cli(Args))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

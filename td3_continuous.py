@@ -754,7 +754,7 @@ class RunFolder:
         last10 = [row["eval_return_mean"] for row in history[-10:]]
         summary = {
             "status": self.status, "exit_code": 128 + self.signum if self.signum else EXIT_CODES[self.status],
-            "env_id": self.args.env_id, "seed": self.args.seed, "global_step": step,
+            "env_id": self.args.env_id, "exp_name": self.args.exp_name, "seed": self.args.seed, "global_step": step,
             "total_timesteps": self.args.total_timesteps, "bf16": self.args.bf16, "episodes": self.progress["episodes"],
             "updates": agent.n_updates, "eval_return_last": last.get("eval_return_mean"),
             "eval_return_std_last": last.get("eval_return_std"),

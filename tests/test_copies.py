@@ -48,6 +48,12 @@ def test_the_toy_shares_these_helpers_word_for_word(name):
     assert toy[name] == top_level_sources("td3_continuous.py")[name], f"{name} differs in the toy"
 
 
+@pytest.mark.parametrize("name", ("UserError", "parse_cli"))
+def test_the_plot_script_shares_these_helpers_word_for_word(name):
+    plot = top_level_sources("plot_learning_curves.py")
+    assert plot[name] == top_level_sources("td3_continuous.py")[name], f"{name} differs in plot_learning_curves.py"
+
+
 def test_no_script_imports_another():
     scripts = ("td3_continuous", "td3_intrinsic_trading", "toy_td3_intrinsic_experiments")
     for script in scripts:

@@ -115,3 +115,46 @@ def test_runs_of_two_precisions_are_not_averaged(tmp_path):
     c = fake_run(tmp_path, "Hopper-v5", "td3_paper", 3, [5.0] * 20)  # an older summary.json: precision unknown
     table = plc.main(plc.Args(run_dirs=(a, c), out_dir=str(tmp_path / "fig")))
     assert [(row["step"], row["mean"]) for row in table] == [(100_000, 3.0)]
+
+
+def test_experiments_are_named_by_summary_json_or_the_whole_middle_of_the_folder_name(tmp_path):
+    """An --exp-name with "__" in it is one experiment, not two runs of "?"; a renamed folder is its own."""
+    a = fake_run(tmp_path, "Hopper-v5", "paper__lr1e-3", 1, [1000.0] * 20)  # older summary.json: no exp_name
+    b = fake_run(tmp_path, "Hopper-v5", "paper__lr3e-4", 2, [0.0] * 20)
+    c = fake_run(tmp_path, "Hopper-v5", "x", 3, [10.0] * 20)
+    with open(os.path.join(c, "summary.json"), "w") as f:  # summary.json says, whatever the folder name
+        json.dump({"env_id": "Hopper-v5", "seed": 3, "exp_name": "paper__lr3e-4"}, f)
+    renamed = tmp_path / "my_best_run"
+    os.rename(fake_run(tmp_path / "old", "Hopper-v5", "paper__lr1e-3", 4, [20.0] * 20), renamed)
+    table = plc.main(plc.Args(run_dirs=(a, b, c, str(renamed)), out_dir=str(tmp_path / "fig")))
+    assert [(row["exp_name"], row["seeds"], row["mean"]) for row in table] == [
+        ("my_best_run", [4], 20.0), ("paper__lr1e-3", [1], 1000.0), ("paper__lr3e-4", [2, 3], 5.0)]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (("evaluations.csv", "a", "105000,-14\n"), r"ValueError: line 22 has another number of fields than the header"),
+    (("evaluations.csv", "a", "105000,abc,1.0,,21\n"), r"ValueError: could not convert string to float: 'abc'"),
+    (("summary.json", "w", '{"env_id": "Hopper-v5", "se'), r"JSONDecodeError"),
+    (("summary.json", "w", "[1, 2]"), r"TypeError"),
+    (("summary.json", "w", '{"seed": 1}'), r"KeyError: 'env_id'"),
+])
+def test_a_damaged_run_folder_is_one_error_line_naming_it(tmp_path, damage, message):
+    run = fake_run(tmp_path, "Hopper-v5", "td3_paper", 1, [1.0] * 20)
+    name, mode, text = damage
+    with open(os.path.join(run, name), mode) as f:  # a copy cut short, a hand edit
+        f.write(text)
+    with pytest.raises(plc.UserError, match=rf"^'{run}': cannot read its summary.json or evaluations.csv \({message}"):
+        plc.main(plc.Args(run_dirs=(run,), out_dir=str(tmp_path / "fig")))
+
+
+def test_an_out_dir_that_cannot_be_written_and_an_unknown_flag_are_one_error_line(tmp_path):
+    run = fake_run(tmp_path, "Hopper-v5", "td3_paper", 1, [1.0] * 20)
+    (tmp_path / "a_file").write_text("")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "plot_learning_curves.py"), run, "--out-dir",
+                             str(tmp_path / "a_file")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"error: cannot write '{tmp_path / 'a_file' / 'learning_curves_Hopper-v5.png'}' (--out-dir): ")
+    assert result.stderr.count("\n") == 1
+    result = run_plot(run, "--bogus", "x", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "--bogus" in result.stderr

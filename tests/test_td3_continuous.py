@@ -658,7 +658,7 @@ def test_eval_only_reproduces_the_final_evaluation(saved_model, tmp_path):
     # the training run completed and says so, with the keys the README documents
     assert summary["status"] == "completed" and summary["exit_code"] == 0 and summary["global_step"] == 1000
     assert summary["updates"] == 600 and summary["episodes"] == 5 and summary["checkpoint_step"] is None
-    assert summary["bf16"] is False  # small_args: fp32
+    assert summary["bf16"] is False and summary["exp_name"] == "td3_continuous"  # small_args: fp32; the default name
     with open(os.path.join(summary["run_dir"], "evaluations.csv")) as f:
         evals = [float(row["eval_return_mean"]) for row in csv.DictReader(f)]
     assert len(evals) == 2 and summary["eval_return_mean_last10"] == pytest.approx(np.mean(evals))
