@@ -1,15 +1,19 @@
 """How fast td3_continuous.py's update is on this machine, and how fast it could be.
 
-Prints the matmul throughput at the update's size (fp32, and bf16 where the CPU has it), the bare
+Prints the matmul throughput at the update's size (fp32 and bf16, said to be emulated on a CPU
+without AVX512-BF16 or AMX), the bare
 update's rate (no env) with the given flags in alternating blocks against the eager fp32 update
 in the same process (a shared machine drifts by 10-30% within minutes, so only same-process
 alternation compares), its share of the fp32 matmul rate, and a short run's learning-phase SPS.
-Writes nothing.
+Writes nothing: the flags that only shape a run of td3_continuous.py (its length, evaluations, files, --resume,
+--eval-only) are refused, since the short run here sets them.
 
 Run:     python benchmark_update.py --env-id Hopper-v4            (add --no-compile, --bf16 or --no-bf16, --threads N)
 """
 
+import contextlib
 import dataclasses
+import io
 import statistics
 import tempfile
 import time
@@ -53,7 +57,16 @@ def matmul_gflops(batch_size: int, hidden: int, dtype: torch.dtype, device: torc
     return 2.0 * batch_size * hidden * hidden * count / (time.perf_counter() - start) / 1e9
 
 
+# what the short run below sets: given, they would be silently ignored
+RUN_FLAGS = ("total_timesteps", "learning_starts", "eval_frequency", "eval_episodes", "checkpoint_frequency",
+             "save_model", "runs_dir", "resume", "eval_only", "checkpoint")
+
+
 def main(args: td3.Args) -> dict:
+    given = [name for name in RUN_FLAGS if getattr(args, name) != getattr(td3.Args(), name)]
+    if given:
+        raise td3.UserError(f"--{given[0].replace('_', '-')} is not read here: the benchmark times the update and "
+                            "a short run of its own (4000 steps, learning from step 1000, in a temporary folder)")
     td3.check_args(args)  # a bad value is one error line (run_command_line below), not a traceback
     device = td3.setup_torch(args)
     env = td3.checked_env(args.env_id, td3.make_env(args.env_id))
@@ -93,14 +106,17 @@ def main(args: td3.Args) -> dict:
     result["eager_fp32_updates_per_second"] = statistics.median(rates["eager fp32"])
     flops = update_flops(obs_dim, action_space.shape[0], args.hidden_sizes, args.batch_size, args.policy_frequency)
     result["update_gflop"], result["update_gflops"] = flops / 1e9, flops * result["updates_per_second"] / 1e9
-    with tempfile.TemporaryDirectory() as runs_dir:
+    # its progress and closing lines would name a folder deleted right after
+    with tempfile.TemporaryDirectory() as runs_dir, contextlib.redirect_stdout(io.StringIO()):
         run = td3.main(dataclasses.replace(args, runs_dir=runs_dir, learning_starts=1000, total_timesteps=4000,
                                            eval_frequency=4000, eval_episodes=1, checkpoint_frequency=0,
                                            save_model=False))
     result["sps_learning_phase"] = run["sps_learning_phase"]
     bf16 = result["bf16_matmul_gflops"]
+    native = device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     print(f"matmul [{args.batch_size}x{hidden}]@[{hidden}x{hidden}]: fp32 {result['fp32_matmul_gflops']:.0f} GFLOP/s, "
-          f"bf16 {f'{bf16:.0f} GFLOP/s' if bf16 else 'n/a'} ({result['threads']} threads)")
+          f"bf16 {f'{bf16:.0f} GFLOP/s' if bf16 else 'n/a'}{'' if native else ' (emulated: no AVX512-BF16/AMX)'} "
+          f"({result['threads']} threads)")
     print(f"bare update (compile {args.compile}, bf16 {args.bf16}): {result['updates_per_second']:.0f} updates/s x "
           f"{result['update_gflop']:.3f} GFLOP = {result['update_gflops']:.0f} GFLOP/s, "
           f"{100 * result['update_gflops'] / result['fp32_matmul_gflops']:.0f}% of the fp32 matmul rate")

@@ -525,6 +525,10 @@ def test_benchmark_mistakes_are_one_error_line_exit_2(tmp_path, capsys, monkeypa
     with pytest.raises(SystemExit) as exit_:
         td3.run_command_line(benchmark_update.main, td3.Args)  # what its __main__ runs, in process
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: --seed must be in [0, 2**32 - 1], got -1\n"
+    # a flag of td3_continuous.py's run that its short run would silently replace: refused at once
+    for flags in (["--total-timesteps", "50000"], ["--eval-only", "--checkpoint", "model.pt"], ["--resume", "c.pt"]):
+        with pytest.raises(td3.UserError, match=f"^{flags[0]} is not read here: the benchmark times the update"):
+            benchmark_update.main(td3.parse_cli(td3.Args, flags))
 
 
 def test_compile_without_a_cxx_compiler_is_a_user_error(tmp_path, monkeypatch):
