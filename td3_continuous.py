@@ -547,7 +547,8 @@ def check_args(args: Args) -> None:
                               "exploration_noise", "noise_clip"), (lambda x: 0 <= x < math.inf, "finite and >= 0")),
              "num_envs": (lambda n: n > 0 and args.total_timesteps % n == 0,
                           f"> 0 and divide --total-timesteps ({args.total_timesteps} env steps, not iterations)"),
-             "runs_dir": (lambda p: not any(map(os.path.isfile, [p, *pathlib.Path(p).parents])), "a folder")}
+             "runs_dir": (lambda p: next(os.path.isdir(a) and os.access(a, os.W_OK) for a in
+                                         [p, *pathlib.Path(p).parents] if os.path.exists(a)), "a folder you can write")}
     for name, (valid, text) in rules.items():
         if not valid(getattr(args, name)):  # each test is written so that NaN (it compares False) and inf fail
             raise UserError(f"--{name.replace('_', '-')} must be {text}, got {getattr(args, name)}")

@@ -505,13 +505,18 @@ def test_check_args_refuses_out_of_range_and_nan_values_by_name(tmp_path, overri
     assert str(err.value) == message
 
 
-def test_a_runs_dir_that_is_a_file_or_inside_one_is_a_user_error(tmp_path):
+def test_a_runs_dir_that_is_a_file_or_inside_one_or_not_writable_is_a_user_error(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
-    for runs_dir in (tmp_path / "file", tmp_path / "file" / "runs" / "deeper"):
+    (tmp_path / "locked").mkdir()
+    access = os.access
+    monkeypatch.setattr(td3.os, "access", lambda p, mode: access(p, mode) and "locked" not in str(p))  # root can write
+    for runs_dir in (tmp_path / "file", tmp_path / "file" / "runs" / "deeper", tmp_path / "locked",
+                     tmp_path / "locked" / "runs", "/dev/null/runs"):
         with pytest.raises(td3.UserError) as err:
             td3.check_args(small_args(tmp_path, runs_dir=str(runs_dir)))
-        assert str(err.value) == f"--runs-dir must be a folder, got {runs_dir}"
+        assert str(err.value) == f"--runs-dir must be a folder you can write, got {runs_dir}"
     td3.check_args(small_args(tmp_path, runs_dir=str(tmp_path / "new" / "runs")))  # made later: fine
+    td3.check_args(small_args(tmp_path, runs_dir="runs"))  # relative: the working folder is checked
     assert not (tmp_path / "new").exists()
 
 
