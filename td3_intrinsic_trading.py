@@ -1528,6 +1528,11 @@ def parse_number(cell: str, name: str, row_no: int, decimal_comma: bool) -> floa
     return value
 
 
+def elapsed_days(dates: list) -> np.ndarray:
+    """Days from the first timestamp to each: the file's time axis, on which gaps and bars per year are read."""
+    return np.array([(d - dates[0]).total_seconds() / 86400 for d in dates])
+
+
 def suspect_rows(dates: list, row_nos: list[int], close: np.ndarray, adjusted: bool) -> Optional[str]:
     """The first likely error of a date-sorted file, or None: a repeated timestamp; a gap of over a month and
     10 median gaps (rows missing: the move across it would be one bar); without adjusted prices,
@@ -1538,7 +1543,7 @@ def suspect_rows(dates: list, row_nos: list[int], close: np.ndarray, adjusted: b
     if repeated:
         i, more = repeated[0], f" ({len(repeated) - 1} more repeated rows)" if len(repeated) > 1 else ""
         return f"row {row_nos[i]}: timestamp {dates[i].isoformat()} repeats row {row_nos[i - 1]}{more}"
-    gaps = np.diff([(d - dates[0]).total_seconds() / 86400 for d in dates])  # in days
+    gaps = np.diff(elapsed_days(dates))
     median = float(np.median(gaps))
     holes = np.flatnonzero(gaps > max(MAX_GAP_DAYS, MAX_GAP_RATIO * median)) + 1
     if len(holes):
@@ -1576,7 +1581,7 @@ def bars_per_year(dates: list) -> tuple[int, str]:
     day) + 104.4 weekend days x their share, both over the weeks that have bars, snapped to 252 (exchange
     days), 260 (weekdays) or 365 (every day) when within 2%; times the median bars a day. The span runs from the
     first to the last full day: a file cut mid-session says nothing about the days it cut."""
-    elapsed = np.array([(d - dates[0]).total_seconds() / 86400 for d in dates])
+    elapsed = elapsed_days(dates)
     gap = float(np.median(np.diff(elapsed)))
     if gap >= 5:
         return round((len(dates) - 1) / (elapsed[-1] / 365.25)), f"bars about {gap:.0f} days apart (median gap)"
